@@ -1,0 +1,41 @@
+# The two commands a new user needs:  `make demo`  and  `make test`.  Both set up first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# Containers and CI machines run as root; OpenMPI refuses that unless told it is intended.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup test lint format demo bench clean help
+
+help:
+	@echo "make setup  - install apt packages, .venv with pinned requirements, Horovod (idempotent)"
+	@echo "make test   - setup, then lint (ruff) and the full test suite (pytest)"
+	@echo "make demo   - setup, then synthetic data -> preprocessing -> 2-rank training -> evaluation"
+	@echo "make bench  - setup, then the benchmarks, JSON results in bench/results/"
+	@echo "make format - apply ruff formatting"
+
+setup:
+	@bash scripts/setup.sh
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: setup lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	@bash scripts/demo.sh
+
+bench: setup
+	@bash scripts/bench.sh
+
+clean:
+	rm -rf demo_output bench/results/*.tmp .pytest_cache

@@ -1,0 +1,201 @@
+"""Reading, validating and writing KiTS19 case folders.
+
+A KiTS19 case is ``case_XXXXX/imaging.nii.gz`` (CT in Hounsfield units) and
+``case_XXXXX/segmentation.nii.gz`` (uint8: 0 background, 1 kidney, 2 tumor), both arrays of shape
+(slices, H, W). Everything that touches those files goes through here, so that the synthetic
+generator, the preprocessing scripts and inference agree on layout, affine and validation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+CASE_RE = re.compile(r"^case_(\d{5})$")
+IMAGING = "imaging.nii.gz"
+SEGMENTATION = "segmentation.nii.gz"
+LABELS = (0, 1, 2)
+CLASS_NAMES = ("background", "kidney", "tumor")
+
+
+class CaseError(ValueError):
+    """A case folder or file that cannot be used; the message names the case and the problem."""
+
+
+def case_name(case_id: int) -> str:
+    return f"case_{case_id:05d}"
+
+
+def kits_affine(spacing: tuple[float, float, float]) -> np.ndarray:
+    """The KiTS19 affine for an array (z, y, x) with ``spacing = (sz, sy, sx)`` in mm.
+
+    KiTS19 stores volumes with the slice axis first; its affines map array axis 0 to -z,
+    axis 1 to -y and axis 2 to -x, which is what this reproduces.
+    """
+    sz, sy, sx = (float(s) for s in spacing)
+    return np.array(
+        [[0.0, 0.0, -sx, 0.0], [0.0, -sy, 0.0, 0.0], [-sz, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+    )
+
+
+def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel spacing (along array axes 0, 1, 2) from an affine."""
+    return tuple(float(v) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
+
+
+def list_cases(kits_dir: str | Path, case_ids: Iterable[int] | None = None) -> list[int]:
+    """Case ids present in ``kits_dir`` (folders named case_XXXXX), sorted.
+
+    With ``case_ids``, every requested case must be present.
+    """
+    kits_dir = Path(kits_dir)
+    if not kits_dir.is_dir():
+        raise CaseError(f"{kits_dir}: not a directory (expected a KiTS19 folder of case_XXXXX)")
+    present = sorted(
+        int(m.group(1)) for p in kits_dir.iterdir() if p.is_dir() and (m := CASE_RE.match(p.name))
+    )
+    if case_ids is None:
+        if not present:
+            raise CaseError(f"{kits_dir}: no case_XXXXX folders found")
+        return present
+    wanted = sorted(set(int(c) for c in case_ids))
+    missing = [c for c in wanted if c not in set(present)]
+    if missing:
+        names = ", ".join(case_name(c) for c in missing[:10])
+        raise CaseError(f"{kits_dir}: requested cases not found: {names}")
+    return wanted
+
+
+def parse_case_list(text: str) -> list[int]:
+    """Parse '0-119,140-199,205' into a sorted list of ids."""
+    ids: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = (int(v) for v in part.split("-", 1))
+            if hi < lo:
+                raise ValueError(f"bad case range {part!r}")
+            ids.update(range(lo, hi + 1))
+        else:
+            ids.add(int(part))
+    return sorted(ids)
+
+
+@dataclass
+class Case:
+    """One loaded and validated case."""
+
+    case_id: int
+    imaging: np.ndarray  # float32 HU, (slices, H, W)
+    segmentation: np.ndarray | None  # uint8 0/1/2, (slices, H, W); None for unlabeled input
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+def _load_nifti(path: Path, case: str) -> nib.Nifti1Image:
+    if not path.is_file():
+        raise CaseError(f"{case}: missing file {path}")
+    try:
+        return nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for corrupt or foreign files
+        raise CaseError(f"{case}: cannot read {path} as NIfTI: {exc}") from exc
+
+
+def validate_labels(seg: np.ndarray, where: str) -> np.ndarray:
+    """Check a label array holds only 0/1/2 and return it as uint8."""
+    if seg.dtype.kind == "f":
+        if not np.all(np.isfinite(seg)):
+            raise CaseError(f"{where}: segmentation contains non-finite values")
+        if np.any(seg != np.round(seg)):
+            raise CaseError(f"{where}: segmentation has non-integer values")
+    values = np.unique(seg)
+    bad = [v for v in values.tolist() if v not in LABELS]
+    if bad:
+        raise CaseError(f"{where}: labels outside {{0,1,2}}: {bad[:10]}")
+    return seg.astype(np.uint8, copy=False)
+
+
+def load_case(kits_dir: str | Path, case_id: int, require_segmentation: bool = True) -> Case:
+    """Load one case folder, validating files, shapes, labels and values.
+
+    Raises :class:`CaseError` naming the case and what is wrong. Never modifies the input.
+    """
+    name = case_name(case_id)
+    folder = Path(kits_dir) / name
+    img_nii = _load_nifti(folder / IMAGING, name)
+    if img_nii.ndim != 3:
+        raise CaseError(f"{name}: {folder / IMAGING} is {img_nii.ndim}D, expected 3D")
+    imaging = np.asarray(img_nii.dataobj, dtype=np.float32)
+    if not np.all(np.isfinite(imaging)):
+        raise CaseError(f"{name}: {folder / IMAGING} contains non-finite values (NaN or inf)")
+    seg = None
+    seg_path = folder / SEGMENTATION
+    if require_segmentation or seg_path.exists():
+        seg_nii = _load_nifti(seg_path, name)
+        raw = np.asarray(seg_nii.dataobj)
+        if raw.shape != imaging.shape:
+            raise CaseError(
+                f"{name}: shape mismatch: imaging {imaging.shape} vs segmentation {raw.shape}"
+            )
+        if raw.dtype.kind == "f" and not np.all(np.isfinite(raw)):
+            raise CaseError(f"{name}: {seg_path} contains non-finite values")
+        seg = validate_labels(raw, f"{name} ({seg_path})")
+    return Case(
+        case_id=case_id,
+        imaging=imaging,
+        segmentation=seg,
+        affine=np.asarray(img_nii.affine),
+        spacing=spacing_from_affine(img_nii.affine),
+    )
+
+
+def atomic_path(final: Path) -> Path:
+    """A temporary path beside ``final`` (same filesystem, so os.replace is atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path, header=None) -> None:
+    """Write a NIfTI file via a temporary name and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    try:
+        img = nib.Nifti1Image(array, affine, header=header)
+        if header is None:
+            img.set_qform(affine, code=1)
+            img.set_sform(affine, code=1)
+        # nibabel picks the format from the name: keep the .nii.gz suffix on the temp file
+        gz_tmp = tmp.with_name(tmp.name + ".nii.gz")
+        nib.save(img, str(gz_tmp))
+        os.replace(gz_tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_case(
+    out_dir: str | Path,
+    case_id: int,
+    imaging_hu: np.ndarray,
+    segmentation: np.ndarray,
+    spacing: tuple[float, float, float],
+) -> Path:
+    """Write a KiTS19-format case folder (int16 HU imaging, uint8 labels, KiTS19 affine)."""
+    folder = Path(out_dir) / case_name(case_id)
+    affine = kits_affine(spacing)
+    img = np.clip(np.rint(imaging_hu), -1024, 3071).astype(np.int16)
+    seg = validate_labels(np.asarray(segmentation), case_name(case_id)).astype(np.uint8)
+    if img.shape != seg.shape:
+        raise CaseError(f"{case_name(case_id)}: imaging {img.shape} vs segmentation {seg.shape}")
+    save_nifti_atomic(seg, affine, folder / SEGMENTATION)
+    save_nifti_atomic(img, affine, folder / IMAGING)
+    return folder

@@ -1,0 +1,9 @@
+"""Training, prediction and evaluation of the segmentation models (TensorFlow, tf-keras, Horovod).
+
+Importing this package selects Keras 2 (tf-keras) for TensorFlow: ``TF_USE_LEGACY_KERAS`` must be
+set before TensorFlow is first imported (see ARCHITECTURE.md).
+"""
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")

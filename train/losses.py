@@ -1,0 +1,742 @@
+"""Loss functions and metrics of the suite (thesis section 3.6, used as in sections 5.3-5.5).
+
+Conventions (see ARCHITECTURE.md):
+
+- ``y_true`` is one-hot, float, shape ``(B, ..., C)``; ``y_pred`` holds softmax probabilities of
+  the same shape. Channel order: 0 background, 1 kidney, 2 tumor. Everything works for 2D
+  ``(B, H, W, C)`` and 3D ``(B, D, H, W, C)`` tensors (reductions use the dynamic rank).
+- Both inputs are cast to float32 first, so a mixed-precision (float16) model output is fine.
+- The soft confusion counts of a class c over a set of voxels i are
+
+      TP_c = sum_i y_ic p_ic,   FP_c = sum_i (1 - y_ic) p_ic,   FN_c = sum_i y_ic (1 - p_ic),
+
+  which for hard (0/1) predictions are the usual counts. Every overlap loss and metric is written
+  once from them (``soft_confusion``, ``hard_confusion``, ``tversky_index``, ...).
+- Overlap losses (Dice, weighted Dice, Jaccard, Tversky, softmax Dice) compute the counts over
+  the whole batch (all samples and voxels) per class and return a scalar. Voxel-wise losses (CE,
+  weighted CE, balanced BCE, focal) return one value per sample, shape ``(B,)``, the mean over
+  that sample's voxels; Keras then averages over the batch.
+- Smoothing of the soft overlap indices: ``(TP + s) / (TP + a FP + b FN + s)`` with
+  ``s = DEFAULT_SMOOTH = 1.0`` (one voxel). A training batch holds 10^5-10^6 voxels, so s is
+  negligible for a class that is present, but it (1) makes a class that is absent from both the
+  truth and the prediction score 1 instead of 0/0, and (2) keeps a penalty with a bounded
+  gradient on predicted tumour voxels in batches without tumour (with s -> 0 that term is a
+  constant 1 and gives no gradient). Pass ``smooth=`` to change it; ``smooth=0`` gives the exact
+  thesis formulas but NaN for a class absent from truth and prediction.
+- Hard metrics (``weighted_jaccard``, ``dice_kidney``, ...) take the argmax of ``y_pred``,
+  one-hot encode it and count over all voxels of the batch, without smoothing. A class absent
+  from both the truth and the prediction (TP + FP + FN = 0) scores 1.0 (nothing to find, nothing
+  wrongly found); this matters for batches without tumour. Keras averages the per-batch value
+  over the batches of an epoch, and Horovod's MetricAverageCallback averages that over ranks.
+
+The lower part of the module holds pure-NumPy versions of the hard metrics on integer label
+maps (``np_*``), for evaluation; they do not call TensorFlow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+CLASS_NAMES: tuple[str, ...] = ("background", "kidney", "tumor")
+N_CLASSES = len(CLASS_NAMES)
+BACKGROUND, KIDNEY, TUMOR = 0, 1, 2
+
+#: Smoothing ``s`` of the soft overlap indices (see the module docstring).
+DEFAULT_SMOOTH = 1.0
+#: Probabilities are clipped to [LOG_EPSILON, 1 - LOG_EPSILON] before a logarithm (as Keras does).
+LOG_EPSILON = 1e-7
+
+LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+MetricFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _cast(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Both tensors as float32 (mixed precision: the model output may be float16)."""
+    return tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32)
+
+
+def _count_axes(x: tf.Tensor, per_sample: bool) -> tf.Tensor:
+    """Axes to sum over: all but the channel axis (and the batch axis if ``per_sample``)."""
+    start = 1 if per_sample else 0
+    return tf.range(start, tf.rank(x) - 1)
+
+
+def _mean_over_voxels(x: tf.Tensor) -> tf.Tensor:
+    """Mean of a (B, ...) tensor over everything but the batch axis -> (B,)."""
+    return tf.reduce_mean(x, axis=tf.range(1, tf.rank(x)))
+
+
+def _check_weights(class_weights: Sequence[float] | None, what: str = "class_weights"):
+    """Validated weights as a float32 tensor, or None for uniform weights."""
+    if class_weights is None:
+        return None
+    w = np.asarray(class_weights, dtype=np.float64).reshape(-1)
+    if w.size == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"{what} must be finite, non-negative, not all zero; got {class_weights}")
+    return tf.constant(w, dtype=tf.float32)
+
+
+def _check_n_classes(y_pred: tf.Tensor, weights: tf.Tensor | None, what: str) -> None:
+    if weights is None:
+        return
+    n = y_pred.shape[-1]
+    if n is not None and n != weights.shape[0]:
+        raise ValueError(f"{what} has {weights.shape[0]} entries but y_pred has {n} classes")
+
+
+def _weighted_class_mean(values: tf.Tensor, weights: tf.Tensor | None) -> tf.Tensor:
+    """sum_c w_c v_c / sum_c w_c over the last axis (plain mean if ``weights`` is None)."""
+    if weights is None:
+        return tf.reduce_mean(values, axis=-1)
+    return tf.reduce_sum(values * weights, axis=-1) / tf.reduce_sum(weights)
+
+
+def _ratio(num: tf.Tensor, den: tf.Tensor, if_empty: tf.Tensor | float) -> tf.Tensor:
+    """num / den, and ``if_empty`` where den == 0 (hard counts, no smoothing)."""
+    if_empty = tf.broadcast_to(tf.cast(if_empty, tf.float32), tf.shape(den))
+    return tf.where(den > 0, tf.math.divide_no_nan(num, den), if_empty)
+
+
+def _named(fn: Callable, name: str) -> Callable:
+    fn.__name__ = name
+    fn.__qualname__ = name
+    return fn
+
+
+def _class_name(class_index: int) -> str:
+    return CLASS_NAMES[class_index] if 0 <= class_index < N_CLASSES else f"class{class_index}"
+
+
+# --------------------------------------------------------------------------------------------
+# Confusion building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def soft_confusion(
+    y_true: tf.Tensor, y_pred: tf.Tensor, per_sample: bool = False
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Soft per-class counts ``TP = sum y p``, ``FP = sum (1-y) p``, ``FN = sum y (1-p)``.
+
+    Sums run over all samples and voxels (shape ``(C,)``), or over the voxels of each sample
+    with ``per_sample=True`` (shape ``(B, C)``).
+    """
+    y_true, y_pred = _cast(y_true, y_pred)
+    axes = _count_axes(y_pred, per_sample)
+    tp = tf.reduce_sum(y_true * y_pred, axis=axes)
+    fp = tf.reduce_sum((1.0 - y_true) * y_pred, axis=axes)
+    fn = tf.reduce_sum(y_true * (1.0 - y_pred), axis=axes)
+    return tp, fp, fn
+
+
+def hard_prediction(y_pred: tf.Tensor) -> tf.Tensor:
+    """One-hot float32 encoding of ``argmax(y_pred, axis=-1)`` (ties go to the lower class)."""
+    y_pred = tf.cast(y_pred, tf.float32)
+    depth = y_pred.shape[-1] if y_pred.shape[-1] is not None else tf.shape(y_pred)[-1]
+    return tf.one_hot(tf.argmax(y_pred, axis=-1), depth=depth, dtype=tf.float32)
+
+
+def hard_confusion(
+    y_true: tf.Tensor, y_pred: tf.Tensor, per_sample: bool = False
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Voxel counts TP, FP, FN per class of the argmax prediction (``soft_confusion`` of it)."""
+    return soft_confusion(y_true, hard_prediction(y_pred), per_sample=per_sample)
+
+
+def tversky_index(
+    tp: tf.Tensor,
+    fp: tf.Tensor,
+    fn: tf.Tensor,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    smooth: float = DEFAULT_SMOOTH,
+) -> tf.Tensor:
+    """Smoothed Tversky index ``TI = (TP + s) / (TP + alpha FP + beta FN + s)``.
+
+    alpha weighs false positives, beta false negatives. ``alpha = beta = 0.5`` is the Dice
+    coefficient, ``alpha = beta = 1`` the Jaccard coefficient (exactly, smoothing included).
+
+    Note on the thesis: eq. 3.8 prints ``TP / (TP + beta FP + (1 - beta) FN)``, while its text
+    speaks of two parameters alpha and beta and claims "alpha = beta = 0.5 -> Dice, alpha = beta
+    = 1 -> Jaccard". Those claims hold for the two-parameter form of Tversky et al. used here
+    (with eq. 3.8, beta = 1 would ignore false negatives). The thesis's third claim, "alpha +
+    beta = 1 -> F1", holds only for alpha = beta = 0.5; other pairs with alpha + beta = 1 give
+    F-beta-like scores.
+    """
+    return (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
+
+
+def dice_from_confusion(
+    tp: tf.Tensor, fp: tf.Tensor, fn: tf.Tensor, smooth: float = DEFAULT_SMOOTH
+) -> tf.Tensor:
+    """Dice coefficient (thesis eq. 3.3) ``DC = 2TP / (2TP + FP + FN)``, smoothed.
+
+    Eq. 3.3, ``y p / (y p + 1/2 (1-y) p + 1/2 y (1-p))``, is ``TP / (TP + FP/2 + FN/2)``, the same
+    value. Smoothed: ``(TP + s) / (TP + FP/2 + FN/2 + s) = (2TP + 2s) / (2TP + FP + FN + 2s)``.
+    """
+    return tversky_index(tp, fp, fn, 0.5, 0.5, smooth)
+
+
+def jaccard_from_confusion(
+    tp: tf.Tensor, fp: tf.Tensor, fn: tf.Tensor, smooth: float = DEFAULT_SMOOTH
+) -> tf.Tensor:
+    """Jaccard coefficient (thesis eq. 3.4) ``JC = TP / (TP + FP + FN)``, smoothed with ``s``."""
+    return tversky_index(tp, fp, fn, 1.0, 1.0, smooth)
+
+
+def precision_from_confusion(tp: tf.Tensor, fp: tf.Tensor, fn: tf.Tensor) -> tf.Tensor:
+    """Precision ``TP / (TP + FP)`` of hard counts.
+
+    The thesis prints precision (eq. 2.2) as ``(TP + FP) / TP``, which is the reciprocal and
+    wrong (it is >= 1); the correct definition ``TP / (TP + FP)`` is used. With nothing predicted
+    (TP + FP = 0) the value is 1.0 if the class is also absent from the truth (FN = 0), else 0.0.
+    """
+    return _ratio(tp, tp + fp, tf.cast(tf.equal(fn, 0.0), tf.float32))
+
+
+def recall_from_confusion(tp: tf.Tensor, fp: tf.Tensor, fn: tf.Tensor) -> tf.Tensor:
+    """Recall (sensitivity, thesis eq. 2.3) ``TP / (TP + FN)`` of hard counts.
+
+    With the class absent from the truth (TP + FN = 0) the value is 1.0 if nothing was predicted
+    either (FP = 0), else 0.0.
+    """
+    return _ratio(tp, tp + fn, tf.cast(tf.equal(fp, 0.0), tf.float32))
+
+
+def hard_dice_from_confusion(tp: tf.Tensor, fp: tf.Tensor, fn: tf.Tensor) -> tf.Tensor:
+    """Exact Dice ``2TP / (2TP + FP + FN)`` of hard counts; 1.0 when TP + FP + FN = 0."""
+    return _ratio(2.0 * tp, 2.0 * tp + fp + fn, 1.0)
+
+
+def hard_jaccard_from_confusion(tp: tf.Tensor, fp: tf.Tensor, fn: tf.Tensor) -> tf.Tensor:
+    """Exact Jaccard ``TP / (TP + FP + FN)`` of hard counts; 1.0 when TP + FP + FN = 0."""
+    return _ratio(tp, tp + fp + fn, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Losses (factories returning Keras-compatible ``loss(y_true, y_pred)`` callables)
+# --------------------------------------------------------------------------------------------
+
+
+def _pixel_ce(y_true: tf.Tensor, y_pred: tf.Tensor, weights: tf.Tensor | None) -> tf.Tensor:
+    """Per-sample mean over voxels of ``-sum_c w_c y_c log p_c`` -> (B,)."""
+    y_true, y_pred = _cast(y_true, y_pred)
+    _check_n_classes(y_pred, weights, "class_weights")
+    log_p = tf.math.log(tf.clip_by_value(y_pred, LOG_EPSILON, 1.0))
+    terms = y_true * log_p if weights is None else y_true * log_p * weights
+    return _mean_over_voxels(-tf.reduce_sum(terms, axis=-1))
+
+
+def crossentropy_loss() -> LossFn:
+    """Categorical cross-entropy (CE, the multi-class form of thesis eq. 3.1).
+
+    ``CE = -sum_c y_c log p_c`` per voxel, averaged over the voxels of each sample -> (B,).
+    Probabilities are clipped to ``[LOG_EPSILON, 1]``.
+    """
+
+    def ce_loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        return _pixel_ce(y_true, y_pred, None)
+
+    return _named(ce_loss, "ce_loss")
+
+
+def weighted_crossentropy_loss(class_weights: Sequence[float] | None = None) -> LossFn:
+    """Weighted categorical cross-entropy ``-sum_c w_c y_c log p_c`` per voxel -> (B,).
+
+    Averaged over the voxels of each sample (not normalised by the weights, as Keras's
+    ``class_weight``). ``class_weights=None`` means all ones, i.e. plain CE.
+    """
+    weights = _check_weights(class_weights)
+
+    def weighted_ce_loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        return _pixel_ce(y_true, y_pred, weights)
+
+    return _named(weighted_ce_loss, "weighted_ce_loss")
+
+
+def balanced_bce_loss(beta: float | Sequence[float] = 0.5) -> LossFn:
+    """Balanced binary cross-entropy (BCE, thesis eq. 3.2), applied to every class channel.
+
+    ``-(beta y log p + (1 - beta)(1 - y) log(1 - p))`` per voxel and channel, averaged over
+    channels and voxels of each sample -> (B,). ``beta`` (in [0, 1]) weighs the positives; it is
+    one number or one per class. ``beta = 0.5`` is half the ordinary binary cross-entropy; for
+    a rare class, beta near the fraction of negative voxels balances it.
+    """
+    b = np.asarray(beta, dtype=np.float64)
+    if not np.all(np.isfinite(b)) or np.any(b < 0) or np.any(b > 1):
+        raise ValueError(f"beta must lie in [0, 1]; got {beta}")
+    b_t = tf.constant(b, dtype=tf.float32)
+
+    def loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        y_true, y_pred = _cast(y_true, y_pred)
+        if b_t.shape.rank == 1:
+            _check_n_classes(y_pred, b_t, "beta")
+        p = tf.clip_by_value(y_pred, LOG_EPSILON, 1.0 - LOG_EPSILON)
+        terms = b_t * y_true * tf.math.log(p) + (1.0 - b_t) * (1.0 - y_true) * tf.math.log(1.0 - p)
+        return _mean_over_voxels(-terms)
+
+    return _named(loss, "balanced_bce_loss")
+
+
+def _overlap_loss(
+    index: Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor],
+    weights: tf.Tensor | None,
+    name: str,
+) -> LossFn:
+    """``1 - sum_c w_c I_c / sum_c w_c`` with I_c an index of the batch-wide soft counts."""
+
+    def loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        _check_n_classes(y_pred, weights, "class_weights")
+        tp, fp, fn = soft_confusion(y_true, y_pred)
+        return 1.0 - _weighted_class_mean(index(tp, fp, fn), weights)
+
+    return _named(loss, name)
+
+
+def dice_loss(smooth: float = DEFAULT_SMOOTH) -> LossFn:
+    """Dice coefficient loss (DCL, thesis eq. 3.5) ``1 - mean_c DC_c`` -> scalar.
+
+    DC_c is the smoothed soft Dice of class c over the whole batch (``dice_from_confusion``);
+    all classes, background included, count equally.
+    """
+    return _overlap_loss(
+        lambda tp, fp, fn: dice_from_confusion(tp, fp, fn, smooth), None, "dice_loss"
+    )
+
+
+def weighted_dice_loss(
+    class_weights: Sequence[float] | None = None, smooth: float = DEFAULT_SMOOTH
+) -> LossFn:
+    """Weighted Dice loss (DCL_w, the suite's default training loss, thesis 5.5) -> scalar.
+
+    ``DCL_w = 1 - sum_c w_c DC_c / sum_c w_c`` with ``DC_c = (TP_c + s) / (TP_c + FP_c/2 +
+    FN_c/2 + s)`` from the soft counts over the whole batch per class, ``s = smooth``
+    (``DEFAULT_SMOOTH`` = 1 voxel). ``class_weights=None`` means equal weights (= ``dice_loss``).
+    """
+    weights = _check_weights(class_weights)
+    return _overlap_loss(
+        lambda tp, fp, fn: dice_from_confusion(tp, fp, fn, smooth), weights, "weighted_dice_loss"
+    )
+
+
+def jaccard_loss(smooth: float = DEFAULT_SMOOTH) -> LossFn:
+    """Jaccard coefficient loss (JCL, thesis eq. 3.6) ``1 - mean_c JC_c`` -> scalar.
+
+    ``JC_c = (TP_c + s) / (TP_c + FP_c + FN_c + s)`` from the soft counts over the whole batch.
+    """
+    return _overlap_loss(
+        lambda tp, fp, fn: jaccard_from_confusion(tp, fp, fn, smooth), None, "jaccard_loss"
+    )
+
+
+def tversky_loss(alpha: float = 0.5, beta: float = 0.5, smooth: float = DEFAULT_SMOOTH) -> LossFn:
+    """Tversky loss ``1 - mean_c TI_c`` -> scalar.
+
+    ``TI_c = (TP_c + s) / (TP_c + alpha FP_c + beta FN_c + s)`` (``tversky_index``) from the soft
+    counts over the whole batch per class. alpha penalises false positives, beta false negatives;
+    the default alpha = beta = 0.5 equals ``dice_loss`` (the thesis's shipped 2D run), alpha =
+    beta = 1 equals ``jaccard_loss``. See ``tversky_index`` for how this reads the thesis's
+    eq. 3.8, which prints beta and (1 - beta) instead of alpha and beta.
+    """
+    if alpha < 0 or beta < 0:
+        raise ValueError(f"alpha and beta must be >= 0; got {alpha}, {beta}")
+    return _overlap_loss(
+        lambda tp, fp, fn: tversky_index(tp, fp, fn, alpha, beta, smooth), None, "tversky_loss"
+    )
+
+
+def softmax_dice_loss(
+    alpha: float = 1.0, beta: float = 1.0, smooth: float = DEFAULT_SMOOTH
+) -> LossFn:
+    """Softmax Dice loss (SDL, thesis eq. 3.7) ``alpha CE + beta DCL`` -> scalar.
+
+    CE is the batch mean of ``crossentropy_loss`` and DCL is ``dice_loss(smooth)``.
+    """
+    ce = crossentropy_loss()
+    dcl = dice_loss(smooth)
+
+    def loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        return alpha * tf.reduce_mean(ce(y_true, y_pred)) + beta * dcl(y_true, y_pred)
+
+    return _named(loss, "softmax_dice_loss")
+
+
+def focal_loss(gamma: float = 2.0, alpha: Sequence[float] | None = None) -> LossFn:
+    """Focal loss (Lin et al. 2017), multi-class form -> (B,).
+
+    ``FL = -sum_c alpha_c (1 - p_c)^gamma y_c log p_c`` per voxel, averaged over the voxels of
+    each sample. ``alpha=None`` means all ones; gamma = 0 with alpha = None is plain CE.
+    """
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0; got {gamma}")
+    weights = _check_weights(alpha, "alpha")
+
+    def loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        y_true, y_pred = _cast(y_true, y_pred)
+        _check_n_classes(y_pred, weights, "alpha")
+        p = tf.clip_by_value(y_pred, LOG_EPSILON, 1.0)
+        terms = y_true * tf.pow(1.0 - p, gamma) * tf.math.log(p)
+        if weights is not None:
+            terms = terms * weights
+        return _mean_over_voxels(-tf.reduce_sum(terms, axis=-1))
+
+    return _named(loss, "focal_loss")
+
+
+#: Loss name -> factory. ``get_loss`` is the intended entry point.
+LOSSES: dict[str, Callable[..., LossFn]] = {
+    "ce": crossentropy_loss,
+    "weighted_ce": weighted_crossentropy_loss,
+    "balanced_bce": balanced_bce_loss,
+    "dice": dice_loss,
+    "weighted_dice": weighted_dice_loss,
+    "jaccard": jaccard_loss,
+    "softmax_dice": softmax_dice_loss,
+    "tversky": tversky_loss,
+    "focal": focal_loss,
+}
+DEFAULT_LOSS = "weighted_dice"
+
+# Losses that use the class weights, and the factory parameter that receives them.
+_CLASS_WEIGHT_PARAM = {
+    "weighted_ce": "class_weights",
+    "weighted_dice": "class_weights",
+    "focal": "alpha",
+}
+
+
+def get_loss(
+    name: str = DEFAULT_LOSS, class_weights: Sequence[float] | None = None, **params
+) -> LossFn:
+    """Loss by name: one of ``LOSSES`` (default ``"weighted_dice"``, DCL_w).
+
+    ``class_weights`` (one per class, background first) are used by ``weighted_ce``,
+    ``weighted_dice`` and ``focal`` (as its alpha, unless ``alpha`` is given); the other losses
+    are unweighted by definition and ignore them. ``params`` go to the factory (e.g.
+    ``smooth``, ``alpha``, ``beta``, ``gamma``); unknown parameters raise TypeError.
+
+    Raises:
+        ValueError: unknown loss name (the message lists the valid names).
+    """
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(sorted(LOSSES))}")
+    param = _CLASS_WEIGHT_PARAM.get(key)
+    if param is not None and class_weights is not None:
+        params.setdefault(param, class_weights)
+    return LOSSES[key](**params)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics (Keras-compatible ``metric(y_true, y_pred) -> scalar``, one value per batch)
+# --------------------------------------------------------------------------------------------
+
+
+def weighted_jaccard(class_weights: Sequence[float] | None = None) -> MetricFn:
+    """Weighted Jaccard JC_w, the thesis's headline metric (tables 5.1, 5.2), hard version.
+
+    ``JC_w = sum_c w_c JC_c / sum_c w_c`` with ``JC_c = TP_c / (TP_c + FP_c + FN_c)`` counted on
+    the one-hot argmax prediction against ``y_true`` over all voxels of the batch; a class absent
+    from both scores 1.0. ``class_weights=None`` means equal weights. Metric name
+    ``"weighted_jaccard"``.
+    """
+    weights = _check_weights(class_weights)
+
+    def metric(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        _check_n_classes(y_pred, weights, "class_weights")
+        jc = hard_jaccard_from_confusion(*hard_confusion(y_true, y_pred))
+        return _weighted_class_mean(jc, weights)
+
+    return _named(metric, "weighted_jaccard")
+
+
+def soft_weighted_jaccard(
+    class_weights: Sequence[float] | None = None, smooth: float = DEFAULT_SMOOTH
+) -> MetricFn:
+    """Soft JC_w: ``sum_c w_c JC_c / sum_c w_c`` on the probabilities (soft batch counts).
+
+    ``JC_c = (TP_c + s) / (TP_c + FP_c + FN_c + s)`` as in ``jaccard_from_confusion``.
+    Metric name ``"soft_weighted_jaccard"``.
+    """
+    weights = _check_weights(class_weights)
+
+    def metric(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        _check_n_classes(y_pred, weights, "class_weights")
+        jc = jaccard_from_confusion(*soft_confusion(y_true, y_pred), smooth=smooth)
+        return _weighted_class_mean(jc, weights)
+
+    return _named(metric, "soft_weighted_jaccard")
+
+
+def _class_metric(
+    from_confusion: Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor],
+    class_index: int,
+    name: str,
+) -> MetricFn:
+    def metric(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        return from_confusion(*hard_confusion(y_true, y_pred))[class_index]
+
+    return _named(metric, name)
+
+
+def dice_metric(class_index: int, name: str | None = None) -> MetricFn:
+    """Hard Dice ``2TP / (2TP + FP + FN)`` of one class over the batch (1.0 if absent from both).
+
+    Default name ``dice_<class>``, e.g. ``dice_kidney``.
+    """
+    return _class_metric(
+        hard_dice_from_confusion, class_index, name or f"dice_{_class_name(class_index)}"
+    )
+
+
+def jaccard_metric(class_index: int, name: str | None = None) -> MetricFn:
+    """Hard Jaccard ``TP / (TP + FP + FN)`` of one class over the batch (1.0 if absent from both).
+
+    Default name ``jaccard_<class>``, e.g. ``jaccard_tumor``.
+    """
+    return _class_metric(
+        hard_jaccard_from_confusion, class_index, name or f"jaccard_{_class_name(class_index)}"
+    )
+
+
+def precision_metric(class_index: int, name: str | None = None) -> MetricFn:
+    """Hard precision ``TP / (TP + FP)`` of one class (see ``precision_from_confusion``).
+
+    The thesis's eq. 2.2 prints ``(TP + FP) / TP``, which is wrong; this is the correct form.
+    """
+    return _class_metric(
+        precision_from_confusion, class_index, name or f"precision_{_class_name(class_index)}"
+    )
+
+
+def recall_metric(class_index: int, name: str | None = None) -> MetricFn:
+    """Hard recall ``TP / (TP + FN)`` of one class (see ``recall_from_confusion``)."""
+    return _class_metric(
+        recall_from_confusion, class_index, name or f"recall_{_class_name(class_index)}"
+    )
+
+
+def precision(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    """Hard precision ``TP / (TP + FP)``, averaged over the foreground classes (kidney, tumor).
+
+    Correction: the thesis's eq. 2.2 prints precision as ``(TP + FP) / TP``, the reciprocal of
+    the real definition (it would be >= 1); this uses ``TP / (TP + FP)``. Per class, nothing
+    predicted gives 1.0 if the class is also absent from the truth, else 0.0.
+    """
+    return tf.reduce_mean(precision_from_confusion(*hard_confusion(y_true, y_pred))[1:])
+
+
+def recall(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    """Hard recall ``TP / (TP + FN)`` (thesis eq. 2.3), averaged over kidney and tumor.
+
+    (Precision, its companion, is printed wrongly in the thesis, see ``precision``.) Per class,
+    a class absent from the truth gives 1.0 if nothing was predicted, else 0.0.
+    """
+    return tf.reduce_mean(recall_from_confusion(*hard_confusion(y_true, y_pred))[1:])
+
+
+dice_kidney = dice_metric(KIDNEY)
+dice_tumor = dice_metric(TUMOR)
+jaccard_kidney = jaccard_metric(KIDNEY)
+jaccard_tumor = jaccard_metric(TUMOR)
+
+
+def get_metrics(class_weights: Sequence[float] | None = None) -> list[MetricFn]:
+    """Metrics for ``model.compile``: JC_w, then Dice and Jaccard of kidney and tumor.
+
+    Names: ``weighted_jaccard``, ``dice_kidney``, ``dice_tumor``, ``jaccard_kidney``,
+    ``jaccard_tumor`` (all hard, per batch; see ``weighted_jaccard``).
+    """
+    return [weighted_jaccard(class_weights), dice_kidney, dice_tumor, jaccard_kidney, jaccard_tumor]
+
+
+# --------------------------------------------------------------------------------------------
+# NumPy versions of the hard metrics on integer label maps (evaluation; no TensorFlow calls)
+# --------------------------------------------------------------------------------------------
+
+
+def _np_labels(labels_true: np.ndarray, labels_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    t, p = np.asarray(labels_true), np.asarray(labels_pred)
+    if t.shape != p.shape:
+        raise ValueError(f"label maps differ in shape: {t.shape} vs {p.shape}")
+    return t, p
+
+
+def _np_label_set(label_set: int | Iterable[int]) -> list[int]:
+    return [int(label_set)] if np.isscalar(label_set) else [int(x) for x in label_set]
+
+
+def np_confusion(
+    labels_true: np.ndarray, labels_pred: np.ndarray, label_set: int | Iterable[int]
+) -> tuple[int, int, int]:
+    """Voxel counts (TP, FP, FN) of the region ``label in label_set`` (one label or several)."""
+    t, p = _np_labels(labels_true, labels_pred)
+    labels = _np_label_set(label_set)
+    in_t, in_p = np.isin(t, labels), np.isin(p, labels)
+    tp = int(np.count_nonzero(in_t & in_p))
+    return tp, int(np.count_nonzero(in_p)) - tp, int(np.count_nonzero(in_t)) - tp
+
+
+def np_dice(
+    labels_true: np.ndarray, labels_pred: np.ndarray, label_set: int | Iterable[int]
+) -> float:
+    """Dice ``2TP / (2TP + FP + FN)`` of the region ``label in label_set``; 1.0 if both empty.
+
+    KiTS19 scores are ``np_dice(t, p, {1, 2})`` (kidney + tumour) and ``np_dice(t, p, 2)``.
+    """
+    tp, fp, fn = np_confusion(labels_true, labels_pred, label_set)
+    den = 2 * tp + fp + fn
+    return 1.0 if den == 0 else 2.0 * tp / den
+
+
+def np_jaccard(
+    labels_true: np.ndarray, labels_pred: np.ndarray, label_set: int | Iterable[int]
+) -> float:
+    """Jaccard ``TP / (TP + FP + FN)`` of the region ``label in label_set``; 1.0 if both empty."""
+    tp, fp, fn = np_confusion(labels_true, labels_pred, label_set)
+    den = tp + fp + fn
+    return 1.0 if den == 0 else tp / den
+
+
+def np_precision(
+    labels_true: np.ndarray, labels_pred: np.ndarray, label_set: int | Iterable[int]
+) -> float:
+    """Precision ``TP / (TP + FP)`` (not the thesis's misprinted ``(TP + FP) / TP``).
+
+    Nothing predicted: 1.0 if the region is also absent from the truth, else 0.0.
+    """
+    tp, fp, fn = np_confusion(labels_true, labels_pred, label_set)
+    if tp + fp == 0:
+        return 1.0 if fn == 0 else 0.0
+    return tp / (tp + fp)
+
+
+def np_recall(
+    labels_true: np.ndarray, labels_pred: np.ndarray, label_set: int | Iterable[int]
+) -> float:
+    """Recall ``TP / (TP + FN)``; region absent from the truth: 1.0 if none predicted, else 0.0."""
+    tp, fp, fn = np_confusion(labels_true, labels_pred, label_set)
+    if tp + fn == 0:
+        return 1.0 if fp == 0 else 0.0
+    return tp / (tp + fn)
+
+
+def np_confusion_matrix(
+    labels_true: np.ndarray, labels_pred: np.ndarray, n_classes: int = N_CLASSES
+) -> np.ndarray:
+    """Confusion matrix ``cm[t, p]`` (int64, n_classes x n_classes) of two label maps.
+
+    Matrices of several cases or batches can be summed before computing scores from them.
+    """
+    t, p = _np_labels(labels_true, labels_pred)
+    t, p = t.reshape(-1).astype(np.int64), p.reshape(-1).astype(np.int64)
+    for arr, what in ((t, "labels_true"), (p, "labels_pred")):
+        if arr.size and (arr.min() < 0 or arr.max() >= n_classes):
+            raise ValueError(f"{what} has labels outside 0..{n_classes - 1}")
+    return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(
+        n_classes, n_classes
+    )
+
+
+def np_jaccard_per_class(cm: np.ndarray) -> np.ndarray:
+    """Per-class Jaccard from a confusion matrix; 1.0 for a class absent from both."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    den = cm.sum(axis=0) + cm.sum(axis=1) - tp  # TP + FP + FN
+    return np.where(den > 0, tp / np.where(den > 0, den, 1.0), 1.0)
+
+
+def np_dice_per_class(cm: np.ndarray) -> np.ndarray:
+    """Per-class Dice from a confusion matrix; 1.0 for a class absent from both."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    den = cm.sum(axis=0) + cm.sum(axis=1)  # 2TP + FP + FN
+    return np.where(den > 0, 2.0 * tp / np.where(den > 0, den, 1.0), 1.0)
+
+
+def np_weighted_jaccard_from_confusion(cm: np.ndarray, weights: Sequence[float]) -> float:
+    """JC_w ``sum_c w_c JC_c / sum_c w_c`` from a confusion matrix (see ``weighted_jaccard``)."""
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    cm = np.asarray(cm)
+    if w.shape[0] != cm.shape[0]:
+        raise ValueError(f"{w.shape[0]} weights for {cm.shape[0]} classes")
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"weights must be finite, non-negative, not all zero; got {weights}")
+    return float(np.dot(w, np_jaccard_per_class(cm)) / w.sum())
+
+
+def np_weighted_jaccard(
+    labels_true: np.ndarray, labels_pred: np.ndarray, weights: Sequence[float]
+) -> float:
+    """JC_w of two integer label maps with classes ``0 .. len(weights)-1``.
+
+    ``JC_w = sum_c w_c JC_c / sum_c w_c``, ``JC_c = TP_c / (TP_c + FP_c + FN_c)`` over all voxels
+    given, 1.0 for a class absent from both; the same definition as the Keras metric
+    ``weighted_jaccard`` on a batch.
+    """
+    n = len(weights)
+    return np_weighted_jaccard_from_confusion(
+        np_confusion_matrix(labels_true, labels_pred, n), weights
+    )
+
+
+__all__ = [
+    "BACKGROUND",
+    "CLASS_NAMES",
+    "DEFAULT_LOSS",
+    "DEFAULT_SMOOTH",
+    "KIDNEY",
+    "LOG_EPSILON",
+    "LOSSES",
+    "N_CLASSES",
+    "TUMOR",
+    "balanced_bce_loss",
+    "crossentropy_loss",
+    "dice_from_confusion",
+    "dice_kidney",
+    "dice_loss",
+    "dice_metric",
+    "dice_tumor",
+    "focal_loss",
+    "get_loss",
+    "get_metrics",
+    "hard_confusion",
+    "hard_dice_from_confusion",
+    "hard_jaccard_from_confusion",
+    "hard_prediction",
+    "jaccard_from_confusion",
+    "jaccard_kidney",
+    "jaccard_loss",
+    "jaccard_metric",
+    "jaccard_tumor",
+    "np_confusion",
+    "np_confusion_matrix",
+    "np_dice",
+    "np_dice_per_class",
+    "np_jaccard",
+    "np_jaccard_per_class",
+    "np_precision",
+    "np_recall",
+    "np_weighted_jaccard",
+    "np_weighted_jaccard_from_confusion",
+    "precision",
+    "precision_from_confusion",
+    "precision_metric",
+    "recall",
+    "recall_from_confusion",
+    "recall_metric",
+    "soft_confusion",
+    "soft_weighted_jaccard",
+    "softmax_dice_loss",
+    "tversky_index",
+    "tversky_loss",
+    "weighted_crossentropy_loss",
+    "weighted_dice_loss",
+]
