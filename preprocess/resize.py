@@ -27,11 +27,23 @@ def window_to_uint8(hu: np.ndarray, hu_min: float, hu_max: float) -> np.ndarray:
     return out
 
 
+def _max_channels(height: int, width: int, size: int, interpolation: int) -> int:
+    """Channels OpenCV accepts per cv2.resize call for this resize.
+
+    INTER_AREA shrinking by a non-integer factor (e.g. a 512x796 CT to 128x128) takes at most
+    4 channels (cv2.error "cn <= 4"); integer factors and other interpolations take 512.
+    """
+    if interpolation == cv2.INTER_AREA and (height % size or width % size):
+        return 4
+    return _CV_MAX_CHANNELS
+
+
 def _resize_stack(stack_hwc: np.ndarray, size: int, interpolation: int) -> np.ndarray:
     """Resize an (H, W, C) array to (size, size, C), C of any length."""
     parts = []
-    for start in range(0, stack_hwc.shape[2], _CV_MAX_CHANNELS):
-        chunk = np.ascontiguousarray(stack_hwc[:, :, start : start + _CV_MAX_CHANNELS])
+    step = _max_channels(stack_hwc.shape[0], stack_hwc.shape[1], size, interpolation)
+    for start in range(0, stack_hwc.shape[2], step):
+        chunk = np.ascontiguousarray(stack_hwc[:, :, start : start + step])
         out = cv2.resize(chunk, (size, size), interpolation=interpolation)
         if out.ndim == 2:  # OpenCV drops a channel axis of length 1
             out = out[:, :, None]

@@ -1,0 +1,334 @@
+"""Distributed training with real Horovod on CPU (train.train, train.data, train.checkpoint)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import PYTHON, ROOT, run_env, run_module, write_simple_kits
+
+from preprocess.dataset_format import sha256_file, write_json_atomic
+
+pytestmark = pytest.mark.mpi
+
+TINY = [
+    "--model",
+    "unet2d",
+    "--batch-size",
+    "4",
+    "--model-option",
+    "base_filters=4",
+    "--l2",
+    "0",
+    "--warmup-epochs",
+    "1",
+    "--workers",
+    "1",
+    "--threads",
+    "1",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("train_data")
+    kits = write_simple_kits(base / "kits", list(range(8)), n_slices=24, size=64)
+    out = base / "slices32"
+    run_module(
+        "preprocess.downsample", "--kits", kits, "--out", out, "--shards", "2", "--image-size", "32"
+    )
+    return out
+
+
+def _history(run_dir: Path) -> list[dict[str, float]]:
+    with open(run_dir / "history.csv") as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def _train(launcher: list[str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [*launcher, PYTHON, "-m", "train.train", *map(str, args)]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=timeout
+    )
+    return proc
+
+
+MPIRUN = ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none"]
+HOROVODRUN = ["horovodrun", "--gloo", "-np", "2", "-H", "localhost:2"]
+
+
+@pytest.mark.parametrize("launcher", [MPIRUN, HOROVODRUN], ids=["mpirun", "horovodrun-gloo"])
+def test_two_ranks_train_and_agree(tiny_dataset, tmp_path, launcher):
+    run_dir = tmp_path / "run"
+    proc = _train(
+        [
+            str(ROOT / ".venv" / "bin" / launcher[0])
+            if launcher[0] == "horovodrun"
+            else launcher[0],
+            *launcher[1:],
+        ],
+        *TINY,
+        "--data",
+        tiny_dataset,
+        "--out",
+        run_dir,
+        "--epochs",
+        "4",
+        "--record-samples",
+        "--checkpoint-every",
+        "2",
+        "--lr",
+        "3e-3",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = _history(run_dir)
+    assert len(history) == 4
+    assert history[-1]["loss"] < history[0]["loss"], history  # the loss falls
+    summary = json.loads((run_dir / "summary.json").read_text())
+    digests = summary["weights_digest_per_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # identical weights on both ranks
+    samples = json.loads((run_dir / "samples.json").read_text())
+    assert sorted(samples) == ["1", "2", "3", "4"]
+    own = {}  # the ids in each rank's shard, and which of them are padding repeats
+    for r in (0, 1):
+        with h5py.File(tiny_dataset / "train" / f"shard_0000{r}.h5") as h5:
+            ids, pad = h5["sample_ids"][()], h5["is_padding"][()]
+        own[str(r)] = (set(ids.tolist()), set(ids[pad].tolist()))
+    for epoch, ranks in samples.items():
+        assert len(ranks["0"]) == len(ranks["1"]) > 0
+        for r in ("0", "1"):
+            assert set(ranks[r]) <= own[r][0], f"epoch {epoch}: rank {r} read outside its shard"
+        shared = set(ranks["0"]) & set(ranks["1"])
+        # only the padding repeats (a few samples of the other shard) may be seen by both
+        assert shared <= own["0"][1] | own["1"][1], f"epoch {epoch}: ranks saw the same samples"
+        assert len(shared) <= 2
+    assert samples["1"]["0"] != samples["2"]["0"]  # reshuffled per epoch
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["n_ranks"] == 2 and config["versions"]["horovod"] == "0.28.1"
+    assert config["dataset"]["manifest_sha256"] == sha256_file(tiny_dataset / "manifest.json")
+    assert config["effective_lr"] == pytest.approx(6e-3)
+    for name in (
+        "basic_info.txt",
+        "checkpoints/best.weights.h5",
+        "checkpoints/latest.json",
+        "checkpoints/latest.weights.h5",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "logs").rglob("events.out.tfevents.*"))
+    # progress comes from rank 0 only: one line per epoch
+    assert len(re.findall(r"epoch \d/4:", proc.stdout)) == 4
+
+
+def test_only_rank_0_writes_files(tiny_dataset, tmp_path):
+    """Rank 1 runs under strace; no file under the run folder may be opened for writing by it."""
+    run_dir = tmp_path / "run"
+    trace = tmp_path / "rank1.strace"
+    args = [
+        PYTHON,
+        "-m",
+        "train.train",
+        *TINY,
+        "--data",
+        str(tiny_dataset),
+        "--out",
+        str(run_dir),
+        "--epochs",
+        "2",
+        "--checkpoint-every",
+        "1",
+        "--record-samples",
+    ]
+    cmd = [
+        "mpirun",
+        "--oversubscribe",
+        "-np",
+        "1",
+        *args,
+        ":",
+        "-np",
+        "1",
+        "strace",
+        "-f",
+        "-qq",
+        "-e",
+        "trace=openat,rename,renameat,renameat2,mkdir,unlink,link",
+        "-o",
+        str(trace),
+        *args,
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = trace.read_text().splitlines()
+    assert any("train/shard_00001.h5" in ln for ln in lines), "rank 1 did not run under strace"
+    writes = [
+        ln
+        for ln in lines
+        if str(run_dir) in ln
+        and (
+            "O_WRONLY" in ln
+            or "O_RDWR" in ln
+            or "O_CREAT" in ln
+            or "rename" in ln
+            or "mkdir(" in ln
+            or "unlink" in ln
+            or "link(" in ln
+        )
+    ]
+    assert writes == [], writes[:5]
+    assert (run_dir / "checkpoints" / "latest.json").is_file()  # rank 0 did write
+
+
+def test_resume_after_kill_continues_with_optimizer_state(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        *TINY,
+        "--data",
+        str(tiny_dataset),
+        "--out",
+        str(run_dir),
+        "--epochs",
+        "6",
+        "--checkpoint-every",
+        "1",
+        "--early-stop-patience",
+        "0",
+    ]
+    cmd = [*MPIRUN, PYTHON, "-m", "train.train", *args]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    latest = run_dir / "checkpoints" / "latest.json"
+    deadline = time.time() + 400
+    record = None
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file():
+            record = json.loads(latest.read_text())
+            if record["epoch"] >= 2:
+                break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the job hits its walltime
+    proc.wait(timeout=60)
+    record = json.loads(latest.read_text())  # what survived the kill
+    killed_at = record["epoch"]
+    assert 2 <= killed_at < 6
+    assert len(_history(run_dir)) >= killed_at
+
+    resumed = _train(MPIRUN, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    match = re.search(
+        r"resuming .* at epoch (\d+) \(optimizer iterations (\d+), optimizer "
+        r"state digest (\w+)\)",
+        resumed.stdout,
+    )
+    assert match, resumed.stdout[-2000:]
+    assert int(match.group(1)) == killed_at + 1
+    assert int(match.group(2)) == record["optimizer_iterations"] > 0
+    assert record["optimizer_digest"].startswith(match.group(3))
+    final = json.loads(latest.read_text())
+    assert final["epoch"] == 6
+    steps = json.loads((run_dir / "config.json").read_text())["steps_per_epoch"]
+    assert final["optimizer_iterations"] == 6 * steps  # the step counter carried over
+    epochs = [int(row["epoch"]) for row in _history(run_dir)]
+    assert epochs[-(6 - killed_at) :] == list(range(killed_at, 6))
+
+
+def test_resume_without_checkpoint_and_rerun_without_resume_are_errors(tiny_dataset, tmp_path):
+    proc = _train([], *TINY, "--data", tiny_dataset, "--out", tmp_path / "none", "--resume")
+    assert proc.returncode == 2 and "no checkpoint" in proc.stderr
+
+
+def test_unequal_shards_fail_clearly_not_hang(tiny_dataset, tmp_path):
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(tiny_dataset, broken)
+    shard = broken / "train" / "shard_00001.h5"
+    with h5py.File(shard, "r") as h5:
+        data = {k: h5[k][()] for k in h5}
+    tmp = shard.with_suffix(".new")
+    with h5py.File(tmp, "w") as h5:
+        for key, value in data.items():
+            h5.create_dataset(key, data=value[: len(value) // 2])
+    os.replace(tmp, shard)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["shards"][1]
+    entry["sha256"] = sha256_file(shard)
+    entry["n_samples"] = len(data["images"]) // 2
+    write_json_atomic(manifest, broken / "manifest.json")
+    started = time.time()
+    proc = _train(
+        MPIRUN, *TINY, "--data", broken, "--out", tmp_path / "run", "--epochs", "1", timeout=180
+    )
+    assert proc.returncode != 0
+    assert "ranks disagree on steps per epoch" in proc.stderr, proc.stderr[-2000:]
+    assert time.time() - started < 180
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_more_ranks_than_shards_and_corrupt_shard_fail_clearly(tiny_dataset, tmp_path):
+    proc = _train(
+        ["mpirun", "-np", "3", "--oversubscribe"],
+        *TINY,
+        "--data",
+        tiny_dataset,
+        "--out",
+        tmp_path / "run",
+        "--epochs",
+        "1",
+        timeout=180,
+    )
+    assert proc.returncode != 0 and "3 ranks but the train split has only 2 shards" in proc.stderr
+
+    import shutil
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_dataset, corrupt)
+    shard = corrupt / "val" / "shard_00000.h5"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = _train([], *TINY, "--data", corrupt, "--out", tmp_path / "run2", "--epochs", "1")
+    assert proc.returncode == 2 and "val/shard_00000.h5: SHA-256 differs" in proc.stderr
+
+
+def test_amp_and_xla_paths_run_on_cpu(tiny_dataset, tmp_path):
+    proc = _train(
+        [],
+        *TINY,
+        "--data",
+        tiny_dataset,
+        "--out",
+        tmp_path / "run",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--amp",
+        "--xla",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["devices"]["amp"] and config["devices"]["xla"]
+    assert np.isfinite(_history(tmp_path / "run")[0]["loss"])
+
+
+def test_help_lists_options():
+    text = run_module("train.train", "--help").stdout
+    for option in ("--resume", "--amp", "--xla", "--class-factors", "--tumor-factor", "--loss"):
+        assert option in text
