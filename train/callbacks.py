@@ -110,6 +110,40 @@ class AverageNonTrainable(keras.callbacks.Callback):
             )
 
 
+class StopCondition(keras.callbacks.Callback):
+    """All ranks: stop at a target metric value or past a time limit.
+
+    Every rank sees the same averaged metrics and the wall time is broadcast from rank 0, so the
+    ranks stop together (a rank that stopped alone would leave the others waiting).
+    """
+
+    def __init__(
+        self, hvd_tf: Any, monitor: str, target: float | None, time_limit: float, log: Any
+    ) -> None:
+        super().__init__()
+        self.hvd_tf = hvd_tf
+        self.monitor = monitor
+        self.target = target
+        self.time_limit = time_limit
+        self.log = log
+        self.sign = 1.0 if maximise(monitor) else -1.0
+        self.reason: str | None = None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if self.target is not None and value is not None and self.sign * (value - self.target) >= 0:
+            self.reason = f"{self.monitor} {value:.4f} reached the target {self.target}"
+        elapsed = self.hvd_tf.broadcast_object(time.perf_counter() - self.t0, root_rank=0)
+        if self.time_limit > 0 and elapsed > self.time_limit:
+            self.reason = f"time limit {self.time_limit:.0f}s passed ({elapsed:.0f}s)"
+        if self.reason:
+            self.log.info(f"stopping after epoch {epoch + 1}: {self.reason}")
+            self.model.stop_training = True
+
+
 class RestoreStateCallback(keras.callbacks.Callback):
     """On resume: put back plateau/early-stopping counters after their on_train_begin reset."""
 

@@ -55,6 +55,9 @@ class TrainConfig:
     workers: int = 2
     threads: int = 0  # TensorFlow intra-op threads per rank; 0 = TensorFlow's default
     max_steps: int = 0  # cap on training steps per epoch (demos, tests); 0 = whole epoch
+    stop_at: float | None = None  # stop once the monitored metric reaches this value
+    time_limit: float = 0.0  # seconds; stop (with a checkpoint) after the epoch that passes it
+    time_limit: float = 0.0  # seconds; stop (with a checkpoint) after the epoch that passes it
     resume: bool = False
     record_samples: bool = False
     check_sha256: bool = True
@@ -199,6 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="cap training steps per epoch (for demos and tests; 0: full epochs)",
+    )
+    p.add_argument(
+        "--stop-at",
+        type=float,
+        default=None,
+        metavar="VALUE",
+        help="stop once --monitor reaches VALUE (e.g. a demo's target)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="stop after the first epoch that ends past this many seconds of "
+        "training, saving a checkpoint: set it below the job's walltime so a "
+        "resubmitted job resumes from there (0: no limit)",
     )
     p.add_argument(
         "--resume",

@@ -238,6 +238,8 @@ def run(cfg: Any) -> int:
         )
         callbacks.append(stopper)
         state_cbs["early_stopping"] = stopper
+    if cfg.stop_at is not None or cfg.time_limit > 0:
+        callbacks.append(cbs.StopCondition(hvd_tf, cfg.monitor, cfg.stop_at, cfg.time_limit, log))
     if resumed:
         callbacks.append(
             cbs.RestoreStateCallback(
