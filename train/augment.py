@@ -45,6 +45,18 @@ def random_affine(
     return matrix
 
 
+def _warp_pair(
+    image: np.ndarray, mask: np.ndarray, matrix: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Warp (H, W[, C<=4]) image bilinearly and mask with nearest neighbour; outside -> 0."""
+    h, w = image.shape[:2]
+    common = {"dsize": (w, h), "borderMode": cv2.BORDER_CONSTANT, "borderValue": 0}
+    return (
+        cv2.warpAffine(image, matrix, flags=cv2.INTER_LINEAR, **common),
+        cv2.warpAffine(mask, matrix, flags=cv2.INTER_NEAREST, **common),
+    )
+
+
 def apply_affine(
     image: np.ndarray, mask: np.ndarray, matrix: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -52,49 +64,19 @@ def apply_affine(
 
     Pixels that come from outside the image get 0 (air after windowing; background label).
     """
-    h, w = image.shape[-2:]
     if image.ndim == 2:
-        img = cv2.warpAffine(
-            image,
-            matrix,
-            (w, h),
-            flags=cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=0,
-        )
-        msk = cv2.warpAffine(
-            mask,
-            matrix,
-            (w, h),
-            flags=cv2.INTER_NEAREST,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=0,
-        )
-        return img, msk
+        return _warp_pair(image, mask, matrix)
     # A block: slices as channels, in groups of 4 (OpenCV's warp handles up to 4 channels).
     img = np.empty_like(image)
     msk = np.empty_like(mask)
     for start in range(0, image.shape[0], 4):
         stop = min(start + 4, image.shape[0])
-        src_i = np.ascontiguousarray(np.moveaxis(image[start:stop], 0, -1))
-        src_m = np.ascontiguousarray(np.moveaxis(mask[start:stop], 0, -1))
-        out_i = cv2.warpAffine(
-            src_i,
+        out_i, out_m = _warp_pair(
+            np.ascontiguousarray(np.moveaxis(image[start:stop], 0, -1)),
+            np.ascontiguousarray(np.moveaxis(mask[start:stop], 0, -1)),
             matrix,
-            (w, h),
-            flags=cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=0,
         )
-        out_m = cv2.warpAffine(
-            src_m,
-            matrix,
-            (w, h),
-            flags=cv2.INTER_NEAREST,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=0,
-        )
-        if out_i.ndim == 2:
+        if out_i.ndim == 2:  # OpenCV drops a channel axis of length 1
             out_i, out_m = out_i[..., None], out_m[..., None]
         img[start:stop] = np.moveaxis(out_i, -1, 0)
         msk[start:stop] = np.moveaxis(out_m, -1, 0)

@@ -13,17 +13,8 @@ import ast
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from models import MODEL_NAMES
 from train.losses import LOSSES
-
-MODEL_NAMES = (
-    "unet2d",
-    "unet3d",
-    "pspnet_s",
-    "pspnet_b",
-    "denseunet_s",
-    "denseunet_b",
-    "deeplabv3plus",
-)
 
 
 @dataclass

@@ -18,11 +18,16 @@ from typing import Any
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 
-def _collective_errors(message: str | None) -> list[str]:
-    """Every rank learns every rank's start-up error, so none is left waiting for a peer."""
+def _stop_on_any_error(log: Any, error: str | None) -> bool:
+    """Collective: True on every rank when any rank failed (each logs its own error).
+
+    Every rank learns every rank's start-up error, so none is left waiting for a peer.
+    """
     from train.hvd_compat import hvd_tf
 
-    return [m for m in hvd_tf.allgather_object(message) if m]
+    if error:
+        log.error(error)
+    return any(hvd_tf.allgather_object(error))
 
 
 def run(cfg: Any) -> int:
@@ -89,10 +94,7 @@ def run(cfg: Any) -> int:
             raise RunError(f"model {cfg.model} needs a {wanted} dataset; {cfg.data} holds {kind}")
     except (DataError, DatasetError, RunError, ValueError, OSError) as exc:
         error = str(exc)
-    errors = _collective_errors(error)
-    if errors:
-        if error:
-            log.error(error)
+    if _stop_on_any_error(log, error):
         return 2
     assert feed is not None
 
@@ -179,10 +181,7 @@ def run(cfg: Any) -> int:
                 write_run_config(run_dir, config)
         except (RunError, ValueError, OSError) as exc:
             error = str(exc)
-    errors = _collective_errors(error)
-    if errors:
-        if error:
-            log.error(error)
+    if _stop_on_any_error(log, error):
         return 2
     resumed = hvd_tf.broadcast_object(resumed, root_rank=0)
     hvd_tf.broadcast_variables(model.variables, root_rank=0)
