@@ -11,7 +11,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 HOROVOD_VERSION="0.28.1"
-APT_PACKAGES=(openmpi-bin libopenmpi-dev cmake g++ make slurm-wlm munge procps strace)
+APT_PACKAGES=(openmpi-bin libopenmpi-dev cmake g++ make slurm-wlm munge procps strace shellcheck)
 
 log() { printf '[setup] %s\n' "$*"; }
 
