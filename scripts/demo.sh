@@ -19,7 +19,7 @@ RANKS="${DEMO_RANKS:-2}"
 N_CASES="${DEMO_CASES:-24}"          # analytic synthetic cases (ids 0..N-1)
 SLICES="${DEMO_SLICES:-48}"          # slices per case
 SIZE="${DEMO_SIZE:-256}"             # in-plane size of the synthetic CT
-IMAGE_SIZE="${DEMO_IMAGE_SIZE:-128}" # model input side, as in the thesis
+IMAGE_SIZE="${DEMO_IMAGE_SIZE:-64}"  # model input side (thesis: 128; the demo's CPU budget: 64)
 BASE_FILTERS="${DEMO_BASE_FILTERS:-16}"  # thesis Unet2D: 64; the demo's CPU budget: 16
 EPOCHS="${DEMO_EPOCHS:-40}"
 BATCH="${DEMO_BATCH:-8}"
@@ -46,11 +46,11 @@ RESUME=()
 [[ -f "$OUT/run/checkpoints/latest.json" ]] && RESUME=(--resume)
 "${MPIRUN[@]}" "$PY" -m train.train --model unet2d --data "$OUT/slices" --out "$OUT/run" \
     --model-option "base_filters=$BASE_FILTERS" --batch-size "$BATCH" --epochs "$EPOCHS" \
-    --lr 1e-3 --warmup-epochs 1 --early-stop-patience 0 --checkpoint-every 1 --threads 1 \
+    --lr 5e-4 --warmup-epochs 1 --early-stop-patience 0 --checkpoint-every 1 --threads 1 \
     --stop-at "$TARGET" --time-limit "$TIME_LIMIT" "${RESUME[@]}"
 
 say "4/5 evaluation and prediction -> $REPORT"
-"$PY" -m train.evaluate --run "$OUT/run" --kits "$OUT/kits" --out "$REPORT" --no-progress
+"$PY" -m train.evaluate --run "$OUT/run" --kits "$OUT/kits" --out "$REPORT" --postprocess --no-progress
 "$PY" - "$OUT/run" "$REPORT" <<'PYEOF'
 import json, sys
 from pathlib import Path
@@ -72,7 +72,7 @@ PYEOF
 TEST_CASE="$("$PY" -c "import json;print(json.load(open('$OUT/slices/manifest.json'))['splits']['test']['cases'][0])")"
 CASE_DIR="$OUT/kits/$(printf 'case_%05d' "$TEST_CASE")"
 "$PY" -m train.predict --run "$OUT/run" --input "$CASE_DIR" --output "$REPORT/predictions" \
-    --overlay-slices auto --no-progress
+    --overlay-slices auto --postprocess --no-progress
 
 say "5/5 shipped model_weights/ on the same case"
 for model in unet2d unet3d; do
