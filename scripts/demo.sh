@@ -16,14 +16,14 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 TF_CPP_MIN_LOG_
 
 OUT="${DEMO_OUT:-$ROOT/demo_output}"
 RANKS="${DEMO_RANKS:-2}"
-N_CASES="${DEMO_CASES:-24}"          # analytic synthetic cases (ids 0..N-1)
+N_CASES="${DEMO_CASES:-32}"          # analytic synthetic cases (ids 0..N-1)
 SLICES="${DEMO_SLICES:-48}"          # slices per case
 SIZE="${DEMO_SIZE:-256}"             # in-plane size of the synthetic CT
 IMAGE_SIZE="${DEMO_IMAGE_SIZE:-64}"  # model input side (thesis: 128; the demo's CPU budget: 64)
 BASE_FILTERS="${DEMO_BASE_FILTERS:-16}"  # thesis Unet2D: 64; the demo's CPU budget: 16
 EPOCHS="${DEMO_EPOCHS:-40}"
 BATCH="${DEMO_BATCH:-8}"
-TIME_LIMIT="${DEMO_TIME_LIMIT:-480}" # seconds of training at most
+TIME_LIMIT="${DEMO_TIME_LIMIT:-600}" # seconds of training at most
 TARGET="${DEMO_TARGET:-0.35}"        # stop once validation JC_w reaches this
 MPIRUN=(mpirun -np "$RANKS" --oversubscribe --bind-to none)
 
@@ -64,7 +64,7 @@ w = cfg["class_weights"]
 baseline = w[0] * counts[0] / sum(counts) / sum(w)
 print(f"validation JC_w: best {best['value']:.4f} (epoch {best['epoch']}) vs all-background "
       f"baseline {baseline:.4f}")
-if best["value"] < max(2 * baseline, baseline + 0.1):
+if best["value"] < max(10 * baseline, baseline + 0.05):
     sys.exit("error: the demo model did not rise clearly above the all-background baseline")
 (report / "baseline.json").write_text(json.dumps({"best_val_jc_w": best["value"],
                                                   "all_background_val_jc_w": baseline}))
