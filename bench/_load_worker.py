@@ -1,0 +1,68 @@
+"""Worker of ``bench.preprocess``: the bare load of KiTS19 cases, split over MPI ranks.
+
+    mpirun -np N python -m bench._load_worker --kits DIR --cases 1,2,3
+
+Each rank loads its cases' ``imaging.nii.gz`` and ``segmentation.nii.gz`` with nibabel into
+numpy (``np.asarray(img.dataobj)``, the files' own voxel types) and nothing else. The cases are
+shared exactly as preprocessing shares them (``preprocess.pipeline``'s largest-first greedy
+assignment by imaging file size), so the two are compared on the same split of the work.
+Rank 0 prints one result line (see ``bench.common.emit_result``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from bench.common import emit_result
+from preprocess.kits import IMAGING, SEGMENTATION, case_name, parse_case_list
+from preprocess.mpi_utils import get_comm
+from preprocess.pipeline import _assign_cases  # the pipeline's own split: the two cannot drift
+
+
+def load_case_arrays(kits: Path, case_id: int) -> int:
+    """Load both files of a case into memory; returns the bytes held (keeps the work honest)."""
+    folder = kits / case_name(case_id)
+    total = 0
+    for name in (IMAGING, SEGMENTATION):
+        arr = np.asarray(nib.load(str(folder / name)).dataobj)
+        total += arr.nbytes
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench._load_worker", description=__doc__)
+    p.add_argument("--kits", type=Path, required=True)
+    p.add_argument("--cases", type=parse_case_list, required=True)
+    args = p.parse_args(argv)
+
+    comm = get_comm()
+    sizes = {c: (args.kits / case_name(c) / IMAGING).stat().st_size for c in args.cases}
+    mine = _assign_cases(args.cases, sizes, comm.size)[comm.rank]
+    comm.barrier()  # start together: the time is that of the slowest rank's loads only
+    t0 = time.perf_counter()
+    loaded = sum(load_case_arrays(args.kits, c) for c in mine)
+    seconds = time.perf_counter() - t0
+    per_rank = comm.raw.gather((seconds, mine, loaded), root=0)
+    if comm.rank == 0:
+        emit_result(
+            {
+                "ranks": comm.size,
+                "seconds": max(s for s, _, _ in per_rank),
+                "seconds_per_rank": [s for s, _, _ in per_rank],
+                "cases_per_rank": [m for _, m, _ in per_rank],
+                "bytes_per_rank": [b for _, _, b in per_rank],
+                "pid": os.getpid(),
+            }
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

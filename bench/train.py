@@ -1,0 +1,602 @@
+"""Benchmark: training throughput, scaling over ranks, and the input pipeline.
+
+(a) scaling: training samples per second of each model (--models) with 1 rank and with 2 ranks,
+    one TensorFlow thread per rank, real Horovod (``bench/_train_worker.py`` under
+    ``mpirun -np N``; the same worker for both, so they differ only in the number of ranks).
+    Steady state: warm-up steps first, then the timed steps on a fixed in-memory batch, so the
+    input pipeline and validation are not in the numbers. Scaling efficiency =
+    sps(2 ranks) / (2 x sps(1 rank)). Batch per rank: 64 for 2D models (train.train's), 2 for
+    Unet3D (train.train uses 4, but a full-size step then peaks near 13 GB per rank).
+    CPU seconds per sample and per-rank CPU utilisation are recorded beside the wall times:
+    they tell "the ranks waited" (busy machine, allreduce) from "each step got dearer".
+(b) input pipeline alone: ``train.data.BatchSource`` over a real shard of 128x128 slices (made
+    by preprocess.synthetic + the downsample pipeline), with augmentation, batch 64, 2 workers:
+    raw uint8 batches, and through ``make_dataset`` (tf.data, float32 x, one-hot y).
+(c) the thesis's way, side by side: tf_keras ImageDataGenerator with the same augmentations on
+    in-memory float arrays (image 128x128x3, one-hot mask 128x128x3, one generator each with a
+    shared seed), one thread.
+(d) epoch time against compute time: one epoch (1 rank, in-process, TensorFlow's default
+    threads) fed by the real pipeline (make_dataset) against the same number of steps fed a
+    batch already in memory; both through ``model.fit`` with 2 epochs, the second one timed.
+
+Targets: scaling efficiency >= 0.9 per model; pipeline >= 1000 samples/s (raw and tf.data);
+epoch time / compute time <= 1.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import gc
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file, bench/ would shadow the train package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Keras 2, before TensorFlow is imported
+
+from bench import common  # noqa: E402
+
+NAME = "train"
+PARTS = ("scaling", "pipeline", "keras_idg", "epoch")
+DEFAULT_MODELS = ("unet2d", "unet3d")
+QUICK_OPTIONS = {"base_filters": 4}  # unet2d/unet3d; other models shrink with width
+IDG_REFERENCE_SPS = 280.0  # what the thesis's ImageDataGenerator is expected to manage
+# ImageDataGenerator settings of the thesis, the same transforms as train.augment's defaults
+IDG_ARGS = {
+    "horizontal_flip": True,
+    "rotation_range": 5,
+    "zoom_range": 0.05,
+    "width_shift_range": 10,
+    "height_shift_range": 10,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = common.base_parser(NAME, __doc__)
+    p.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated subset of {','.join(PARTS)} (default: all)",
+    )
+    p.add_argument(
+        "--models",
+        default=",".join(DEFAULT_MODELS),
+        help="models for (a), comma-separated (default unet2d,unet3d)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_batch_sizes,
+        default={},
+        metavar="B|MODEL=B,...",
+        help="(a) batch per rank, for every model or per model, e.g. unet3d=4 (default 64 for "
+        "2D models as train.train; 2 for 3D models, half of train.train's 4: a full-size "
+        "Unet3D step at batch 4 peaks near 13 GB per rank, two ranks would not fit in 24 GB; "
+        "--quick 8 and 2)",
+    )
+    p.add_argument(
+        "--model-options",
+        type=_key_values,
+        default={},
+        metavar="K=V,...",
+        help="(a) extra options for models.build, for every model, e.g. base_filters=16",
+    )
+    p.add_argument("--steps", type=int, default=None, help="(a) timed steps (default 3; --quick 2)")
+    p.add_argument("--warmup", type=int, default=None, help="(a) untimed steps first (default 1)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="(a) TensorFlow threads per rank (default 1)"
+    )
+    p.add_argument(
+        "--bind",
+        choices=("none", "core"),
+        default="none",
+        help="(a) mpirun --bind-to (default none: with one thread per rank both settings "
+        "measured the same here, and each mpirun binding its rank 0 to core 0 puts it on a "
+        "busy core whenever other work runs there)",
+    )
+    p.add_argument(
+        "--compare-bind",
+        action="store_true",
+        help="(a) also measure with the other --bind-to setting (recorded, no target)",
+    )
+    p.add_argument(
+        "--ceiling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="(a) also run 2 independent ranks (no allreduce): the machine's own limit for "
+        "two side by side, to tell hardware from communication (default on; --quick off)",
+    )
+    p.add_argument(
+        "--pipeline-batches",
+        type=int,
+        default=None,
+        help="(b) timed batches (default 100; --quick 10)",
+    )
+    p.add_argument(
+        "--idg-batches", type=int, default=None, help="(c) timed batches (default 20; --quick 3)"
+    )
+    p.add_argument(
+        "--epoch-steps",
+        type=int,
+        default=None,
+        help="(d) steps per epoch (default 4; --quick 2); unet2d, batch 64 (--quick 8)",
+    )
+    return p
+
+
+def _key_values(text: str) -> dict[str, Any]:
+    """'base_filters=16,width=0.5' -> {'base_filters': 16, 'width': 0.5}."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _batch_sizes(text: str) -> dict[str, int]:
+    """'16' -> {'*': 16}; 'unet2d=64,unet3d=2' -> per model."""
+    if "=" not in text:
+        return {"*": int(text)}
+    return {k: int(v) for k, v in _key_values(text).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# (a) scaling over ranks
+# --------------------------------------------------------------------------------------------
+
+
+def model_entry(
+    name: str, quick: bool, batch_sizes: dict[str, int], extra_options: dict[str, Any]
+) -> dict[str, Any]:
+    """Input shape, options and batch of a model as benchmarked (full size unless quick)."""
+    import models
+
+    is_3d = models.is_3d(name)
+    shape = list(models.default_input_shape(name))
+    options: dict[str, Any] = {"l2": 1e-4}  # train.train's default
+    if quick:
+        stride = models.required_stride(name)
+        side = max(32, stride)
+        shape = [8, side, side, 3] if is_3d else [side, side, 3]
+        options.update(QUICK_OPTIONS if name in ("unet2d", "unet3d") else {"width": 0.125})
+    options.update(extra_options)
+    default_batch = 2 if is_3d else (8 if quick else 64)
+    return {
+        "name": name,
+        "input_shape": shape,
+        "options": options,
+        "batch_size": batch_sizes.get(name, batch_sizes.get("*", default_batch)),
+    }
+
+
+def _cpu_per_sample(result: dict[str, Any]) -> float:
+    """CPU seconds (all ranks, all threads) per trained sample in the timed steps."""
+    samples = result["ranks"] * result["batch_size_per_rank"] * result["steps"]
+    return sum(r["cpu_seconds"] for r in result["per_rank"]) / samples
+
+
+def _launch(spec: dict[str, Any], n: int, bind: str, independent: bool) -> dict[str, Any]:
+    """One worker run under mpirun: {"threads": ..., "models": {name: result}}."""
+    worker_spec = json.dumps({**spec, "independent": independent})
+    cmd = common.mpirun_cmd(n, bind, "bench._train_worker", "--spec", worker_spec)
+    seconds, proc = common.run_timed(cmd)
+    raw = common.parse_result(proc.stdout)
+    label = "2 independent ranks" if independent else f"{n} rank(s)"
+    for m in raw["models"]:
+        print(
+            f"  (a) {m['name']:<8} {label}, --bind-to {bind}: "
+            f"{m['samples_per_s']:8.2f} samples/s ({seconds:.0f} s with start-up)",
+            flush=True,
+        )
+    threads = {"intra_op": raw["intra_op_threads"], "inter_op": raw["inter_op_threads"]}
+    return {"threads": threads, "models": {m["name"]: m for m in raw["models"]}}
+
+
+def _model_summary(one: dict, two: dict, independent: dict | None) -> dict[str, Any]:
+    """Samples/s, efficiency and the evidence behind it for one model."""
+    sps1, sps2 = one["samples_per_s"], two["samples_per_s"]
+    out = {
+        "input_shape": one["input_shape"],
+        "options": one["options"],
+        "n_params": one["n_params"],
+        "batch_size_per_rank": one["batch_size_per_rank"],
+        "samples_per_s_1rank": sps1,
+        "samples_per_s_2ranks": sps2,
+        "efficiency": sps2 / (2 * sps1),
+        "step_seconds_1rank": common.summarize(one["per_rank"][0]["steps"]),
+        "step_seconds_2ranks": common.summarize(
+            [max(s) for s in zip(*(r["steps"] for r in two["per_rank"]), strict=True)]
+        ),
+        "warmup_seconds_1rank": one["per_rank"][0]["warmup"],
+        "peak_rss_gib_per_rank": max(r["peak_rss_gib"] for r in two["per_rank"]),
+        # CPU seconds per sample: equal for 1 and 2 ranks when the work per sample is
+        # unchanged; utilisation well below 1 means the ranks waited
+        "cpu_seconds_per_sample_1rank": _cpu_per_sample(one),
+        "cpu_seconds_per_sample_2ranks": _cpu_per_sample(two),
+        "cpu_utilisation_1rank": [r["cpu_utilisation"] for r in one["per_rank"]],
+        "cpu_utilisation_2ranks": [r["cpu_utilisation"] for r in two["per_rank"]],
+        "affinity_1rank": [r["affinity"] for r in one["per_rank"]],
+        "affinity_2ranks": [r["affinity"] for r in two["per_rank"]],
+    }
+    if independent is not None:
+        sps_ind = independent["samples_per_s"]
+        out["samples_per_s_2independent"] = sps_ind
+        # the best two ranks can do on this machine, with no communication at all
+        out["ceiling_efficiency"] = sps_ind / (2 * sps1)
+        # what the allreduce and the synchronisation leave of that ceiling
+        out["efficiency_vs_ceiling"] = sps2 / sps_ind
+    return out
+
+
+def run_scaling(args: argparse.Namespace, run: common.BenchRun) -> dict[str, Any]:
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    entries = [model_entry(n, args.quick, args.batch_size, args.model_options) for n in names]
+    spec = {
+        "steps": args.steps or (2 if args.quick else 3),
+        "warmup": 1 if args.warmup is None else args.warmup,
+        "threads": args.threads,
+        "seed": 42,
+        "lr": 4e-4,
+    }
+    ceiling = (not args.quick) if args.ceiling is None else args.ceiling
+    binds = [args.bind] + (
+        [{"core": "none", "none": "core"}[args.bind]] if args.compare_bind else []
+    )
+    # Full runs start each model in its own processes, so one that fails (say, out of memory)
+    # leaves the others' numbers; quick runs share them, the start-up is most of their time.
+    groups = [entries] if args.quick else [[e] for e in entries]
+    runs = [(1, False), (2, False)] + ([(2, True)] if ceiling else [])
+    by_bind: dict[str, Any] = {}
+    for bind in binds:
+        models_out: dict[str, Any] = {}
+        threads = {"intra_op": args.threads, "inter_op": args.threads}
+        for group in groups:
+            group_names = [e["name"] for e in group]
+            try:
+                raw = {
+                    (n, ind): _launch({**spec, "models": group}, n, bind, ind) for n, ind in runs
+                }
+            except common.BenchError as exc:
+                first = str(exc).splitlines()[0]
+                run.note(f"(a) {', '.join(group_names)} with --bind-to {bind} failed: {first}")
+                for name in group_names:
+                    models_out[name] = {"error": str(exc)[-3000:]}
+                continue
+            threads = raw[(1, False)]["threads"]
+            for name in group_names:
+                models_out[name] = _model_summary(
+                    raw[(1, False)]["models"][name],
+                    raw[(2, False)]["models"][name],
+                    raw[(2, True)]["models"][name] if ceiling else None,
+                )
+        by_bind[bind] = {"bind_to": bind, "threads_per_rank": threads, "models": models_out}
+    result = dict(by_bind[args.bind])
+    result.update(
+        {
+            "steps": spec["steps"],
+            "warmup_steps": spec["warmup"],
+            "method": "bench/_train_worker.py under mpirun -np 1 and -np 2: train_on_batch on a "
+            "fixed in-memory batch with Horovod's DistributedOptimizer; samples/s = ranks x "
+            "batch x steps / slowest rank's time",
+        }
+    )
+    if args.compare_bind:
+        other = binds[1]
+        result["other_bind"] = by_bind[other]
+        run.note(f"(a) also measured with --bind-to {other}: see scaling.other_bind")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# (b), (c), (d): in this process
+# --------------------------------------------------------------------------------------------
+
+
+def pipeline_source(
+    dataset: Path, batch_size: int, workers: int, augment: bool = True
+) -> tuple[Any, Any]:
+    """(BatchSource, RankShards) over the dataset's train shard, as train.data.build_feed
+    makes them (one rank, tumor factor 1 as for 2D models)."""
+    from preprocess.dataset_format import load_manifest
+    from train.augment import AugmentConfig
+    from train.data import BatchSource, EpochPlan, RankShards
+
+    manifest = load_manifest(dataset)
+    shards = RankShards.load(dataset, "train", 0, 1, manifest)
+    plan = EpochPlan(len(shards), shards.has_tumor, len(shards), 1.0, seed=42, rank=0)
+    source = BatchSource(
+        shards, plan, batch_size, AugmentConfig() if augment else None, 42, 0, workers
+    )
+    return source, shards
+
+
+def _rate(iterator: Iterator[Any], batch_size: int, warmup: int, batches: int) -> dict[str, Any]:
+    """Samples per second over ``batches`` batches of an iterator, after ``warmup`` batches."""
+    for _ in range(warmup):
+        next(iterator)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    seconds = time.perf_counter() - t0
+    return {
+        "samples_per_s": batches * batch_size / seconds,
+        "seconds": seconds,
+        "batches": batches,
+        "warmup_batches": warmup,
+    }
+
+
+def run_pipeline(dataset: Path, batches: int) -> dict[str, Any]:
+    from train.data import make_dataset
+
+    batch, workers = 64, 2
+    source, shards = pipeline_source(dataset, batch, workers)
+    gen = source.batches(0)
+    raw = _rate(gen, batch, warmup=10, batches=batches)
+    gen.close()  # stops the thread pool before the next measurement
+    print(f"  (b) BatchSource.batches: {raw['samples_per_s']:8.0f} samples/s", flush=True)
+    source, _ = pipeline_source(dataset, batch, workers)
+    ds = make_dataset(source, 0, channels=3, n_classes=3)
+    it = iter(ds)
+    tfdata = _rate(it, batch, warmup=10, batches=batches)
+    del it, ds  # let the generator's workers go before the next measurement
+    gc.collect()
+    print(f"  (b) make_dataset (tf.data): {tfdata['samples_per_s']:8.0f} samples/s", flush=True)
+    return {
+        "dataset": str(dataset),
+        "shard_samples": len(shards),
+        "sample_shape": list(shards.images.shape[1:]),
+        "batch_size": batch,
+        "workers": workers,
+        "augmentation": "flip, rotation +-5 deg, zoom +-5 %, shift +-10 px (train.augment)",
+        "raw_uint8": raw,
+        "tf_data": tfdata,
+    }
+
+
+def run_keras_idg(dataset: Path, batches: int) -> dict[str, Any]:
+    """The thesis's generator pair over in-memory float arrays, one thread."""
+    import numpy as np
+    from tf_keras.preprocessing.image import ImageDataGenerator
+
+    batch = 64
+    _, shards = pipeline_source(dataset, batch, 1, augment=False)
+    n = min(len(shards), 4 * batch)
+    images = np.repeat((shards.images[:n].astype(np.float32) / 255.0)[..., None], 3, axis=-1)
+    masks = np.eye(3, dtype=np.float32)[shards.masks[:n]]
+    seed = 1  # the same seed makes both generators draw the same order and transforms
+    it_img = ImageDataGenerator(**IDG_ARGS).flow(images, batch_size=batch, seed=seed)
+    it_msk = ImageDataGenerator(**IDG_ARGS).flow(masks, batch_size=batch, seed=seed)
+
+    def pairs():
+        while True:  # alternate strictly: each flow reseeds numpy before its batch
+            yield next(it_img), next(it_msk)
+
+    rate = _rate(pairs(), batch, warmup=1, batches=batches)
+    print(f"  (c) ImageDataGenerator: {rate['samples_per_s']:8.0f} samples/s", flush=True)
+    return {
+        "batch_size": batch,
+        "settings": IDG_ARGS,
+        "arrays": "image float32 128x128x3, mask one-hot float32 128x128x3, in memory",
+        "threads": 1,
+        "reference_samples_per_s": IDG_REFERENCE_SPS,
+        **rate,
+    }
+
+
+def epoch_timer() -> Any:
+    """A Keras callback collecting each epoch's wall time (measured from here, not in train/)."""
+    import tf_keras as keras
+
+    class EpochTimes(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seconds: list[float] = []
+            self._t0 = 0.0
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            self.seconds.append(time.perf_counter() - self._t0)
+
+    return EpochTimes()
+
+
+def run_epoch(dataset: Path, steps: int, batch: int, quick: bool) -> dict[str, Any]:
+    """Second-epoch wall time fed by make_dataset vs fed one in-memory batch (same model)."""
+    import numpy as np
+    import tensorflow as tf
+    import tf_keras as keras
+
+    import models
+    from train.data import make_dataset
+    from train.losses import get_loss, get_metrics
+    from train.runtime import set_seeds
+
+    workers = 2
+    source, shards = pipeline_source(dataset, batch, workers)
+    source.limit_steps(steps)
+    shape = (*shards.images.shape[1:], 3)
+    options = {"l2": 1e-4, **(QUICK_OPTIONS if quick else {})}
+    set_seeds(42)
+    model = models.build("unet2d", shape, 3, **options)
+    weights = [0.35, 12.0, 180.0]
+    model.compile(
+        optimizer=keras.optimizers.Adam(4e-4),
+        loss=get_loss("weighted_dice", class_weights=weights),
+        metrics=get_metrics(weights),
+    )
+    # one real augmented batch, turned into model input as make_dataset does, kept in memory
+    images, masks = source.make_batch(0, 0)
+    x = np.repeat((images.astype(np.float32) / 255.0)[..., None], 3, axis=-1)
+    y = np.eye(3, dtype=np.float32)[masks]
+    in_memory = tf.data.Dataset.from_tensors((x, y)).repeat()
+    results = {}
+    for label, ds in (
+        ("in_memory", in_memory),
+        ("pipeline", make_dataset(source, 0, 3, 3)),
+    ):
+        timer = epoch_timer()
+        model.fit(ds, steps_per_epoch=steps, epochs=2, callbacks=[timer], verbose=0)
+        results[label] = {"epoch_seconds": timer.seconds, "timed_epoch_seconds": timer.seconds[1]}
+        print(f"  (d) epoch 2 fed {label:<9}: {timer.seconds[1]:8.2f} s", flush=True)
+    ratio = results["pipeline"]["timed_epoch_seconds"] / results["in_memory"]["timed_epoch_seconds"]
+    return {
+        "model": "unet2d",
+        "input_shape": list(shape),
+        "options": options,
+        "batch_size": batch,
+        "steps_per_epoch": steps,
+        "workers": workers,
+        "tensorflow_threads": "default",
+        "in_memory": results["in_memory"],
+        "pipeline": results["pipeline"],
+        "ratio": ratio,
+        "compute_samples_per_s": steps * batch / results["in_memory"]["timed_epoch_seconds"],
+        "method": "model.fit(epochs=2); the second epoch is timed by a callback; in_memory "
+        "repeats one batch from tf.data.Dataset.from_tensors",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        build_parser().error(f"--parts: unknown {unknown}; choose from {PARTS}")
+    run = common.BenchRun(NAME, args)
+    measurements: dict[str, Any] = {}
+    targets: list[common.Target] = []
+    info: list[common.Info] = []
+
+    if "scaling" in parts:
+        print("(a) training throughput, 1 and 2 ranks ...", flush=True)
+        measurements["scaling"] = run_scaling(args, run)
+        for name in measurements["scaling"]["models"]:
+            targets.append(
+                common.Target(
+                    f"scaling_efficiency_{name}",
+                    f"scaling.models.{name}.efficiency",
+                    ">=",
+                    0.9,
+                    "",
+                    f"{name}: samples/s with 2 ranks / (2 x with 1 rank), 1 thread per rank",
+                )
+            )
+            if "ceiling_efficiency" in measurements["scaling"]["models"][name]:
+                info.append(
+                    common.Info(
+                        f"{name}_ceiling_efficiency",
+                        f"scaling.models.{name}.ceiling_efficiency",
+                        "",
+                        "2 independent ranks (no allreduce) / (2 x 1 rank): the machine's limit",
+                    )
+                )
+            for n in ("1rank", "2ranks"):
+                info.append(
+                    common.Info(
+                        f"{name}_samples_per_s_{n}",
+                        f"scaling.models.{name}.samples_per_s_{n}",
+                        "samples/s",
+                    )
+                )
+    local = [p for p in parts if p != "scaling"]
+    if local:
+        with common.work_folder(args.cache) as cache:
+            n_cases, n_slices = (8, 48) if args.quick else (16, 64)
+            dataset = common.make_slice_dataset(
+                cache, n_cases=n_cases, n_slices=n_slices, size=128, image_size=128
+            )
+            if "pipeline" in parts:
+                print("(b) input pipeline ...", flush=True)
+                measurements["pipeline"] = run_pipeline(
+                    dataset, args.pipeline_batches or (10 if args.quick else 100)
+                )
+                for key, label in (("raw_uint8", "BatchSource"), ("tf_data", "make_dataset")):
+                    targets.append(
+                        common.Target(
+                            f"pipeline_{key}",
+                            f"pipeline.{key}.samples_per_s",
+                            ">=",
+                            1000.0,
+                            "samples/s",
+                            f"{label}: 128x128 slices with augmentation, batch 64, 2 workers",
+                        )
+                    )
+            if "keras_idg" in parts:
+                print("(c) the thesis's ImageDataGenerator ...", flush=True)
+                measurements["keras_idg"] = run_keras_idg(
+                    dataset, args.idg_batches or (3 if args.quick else 20)
+                )
+                info.append(
+                    common.Info(
+                        "keras_idg_samples_per_s",
+                        "keras_idg.samples_per_s",
+                        "samples/s",
+                        f"the thesis's ImageDataGenerator, one thread (about "
+                        f"{IDG_REFERENCE_SPS:.0f} expected)",
+                    )
+                )
+                if "pipeline" in measurements:
+                    measurements["pipeline"]["speedup_over_keras_idg"] = (
+                        measurements["pipeline"]["tf_data"]["samples_per_s"]
+                        / measurements["keras_idg"]["samples_per_s"]
+                    )
+                    info.append(
+                        common.Info(
+                            "pipeline_speedup_over_keras_idg",
+                            "pipeline.speedup_over_keras_idg",
+                            "x",
+                            "make_dataset samples/s / ImageDataGenerator samples/s",
+                        )
+                    )
+            if "epoch" in parts:
+                print("(d) epoch time vs compute time ...", flush=True)
+                measurements["epoch"] = run_epoch(
+                    dataset,
+                    args.epoch_steps or (2 if args.quick else 4),
+                    8 if args.quick else 64,
+                    args.quick,
+                )
+                targets.append(
+                    common.Target(
+                        "epoch_vs_compute",
+                        "epoch.ratio",
+                        "<=",
+                        1.1,
+                        "x",
+                        "epoch fed by make_dataset / same steps fed an in-memory batch (unet2d)",
+                    )
+                )
+    parameters = {
+        "parts": parts,
+        "models": args.models,
+        "batch_size": args.batch_size or "default",
+        "model_options": args.model_options,
+        "threads_per_rank": args.threads,
+        "bind": args.bind,
+        "compare_bind": args.compare_bind,
+        "ceiling": args.ceiling if args.ceiling is not None else not args.quick,
+    }
+    run.finish(parameters, measurements, targets, info)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except common.BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
