@@ -5,8 +5,11 @@
     ``mpirun -np N``; the same worker for both, so they differ only in the number of ranks).
     Steady state: warm-up steps first, then the timed steps on a fixed in-memory batch, so the
     input pipeline and validation are not in the numbers. Scaling efficiency =
-    sps(2 ranks) / (2 x sps(1 rank)). Batch per rank: 64 for 2D models (train.train's), 2 for
-    Unet3D (train.train uses 4, but a full-size step then peaks near 13 GB per rank).
+    sps(2 ranks) / (2 x sps(1 rank)). Batch per rank: 64 for 2D models (train.train's), 1 for
+    Unet3D (train.train uses 4, but on CPU a full-size rank peaks at ~8 GB with batch 1 and
+    ~11 GB with 2; two ranks are only started if the 1-rank peak says they fit in memory).
+    Each model runs in its own processes; 2 independent ranks (no allreduce) give the
+    machine's own ceiling for two side by side (--no-ceiling skips them).
     CPU seconds per sample and per-rank CPU utilisation are recorded beside the wall times:
     they tell "the ranks waited" (busy machine, allreduce) from "each step got dearer".
 (b) input pipeline alone: ``train.data.BatchSource`` over a real shard of 128x128 slices (made
@@ -67,18 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--models",
-        default=",".join(DEFAULT_MODELS),
-        help="models for (a), comma-separated (default unet2d,unet3d)",
+        default=None,
+        help="models for (a), comma-separated (default unet2d,unet3d; --quick unet2d, as "
+        "starting and tracing the models is most of a quick run's time)",
     )
     p.add_argument(
         "--batch-size",
         type=_batch_sizes,
         default={},
         metavar="B|MODEL=B,...",
-        help="(a) batch per rank, for every model or per model, e.g. unet3d=4 (default 64 for "
-        "2D models as train.train; 2 for 3D models, half of train.train's 4: a full-size "
-        "Unet3D step at batch 4 peaks near 13 GB per rank, two ranks would not fit in 24 GB; "
-        "--quick 8 and 2)",
+        help="(a) batch per rank, for every model or per model, e.g. unet3d=2 (default 64 for "
+        "2D models, as train.train; 1 for 3D models instead of train.train's 4: a full-size "
+        "Unet3D rank peaks at ~8 GB with batch 1 and ~11 GB with 2 on CPU, and two ranks must "
+        "fit in memory; --quick 8 and 2)",
     )
     p.add_argument(
         "--model-options",
@@ -171,7 +175,7 @@ def model_entry(
         shape = [8, side, side, 3] if is_3d else [side, side, 3]
         options.update(QUICK_OPTIONS if name in ("unet2d", "unet3d") else {"width": 0.125})
     options.update(extra_options)
-    default_batch = 2 if is_3d else (8 if quick else 64)
+    default_batch = (2 if quick else 1) if is_3d else (8 if quick else 64)
     return {
         "name": name,
         "input_shape": shape,
@@ -201,6 +205,23 @@ def _launch(spec: dict[str, Any], n: int, bind: str, independent: bool) -> dict[
         )
     threads = {"intra_op": raw["intra_op_threads"], "inter_op": raw["inter_op_threads"]}
     return {"threads": threads, "models": {m["name"]: m for m in raw["models"]}}
+
+
+def _check_memory(one_rank: dict[str, Any], n_ranks: int) -> None:
+    """Refuse to start ``n_ranks`` ranks that would not fit in memory (BenchError).
+
+    The 1-rank run measured the peak resident memory of a rank; running out of memory would
+    not only lose this benchmark but might get other processes on the machine killed.
+    """
+    peak = max(m["per_rank"][0]["peak_rss_gib"] for m in one_rank["models"].values())
+    need = n_ranks * peak * 1.1  # 10 % for the parent, MPI and the page cache's minimum
+    available = common.memory_info()["available_gib"]
+    if available is not None and available < need:
+        raise common.BenchError(
+            f"{n_ranks} ranks need about {need:.1f} GiB ({peak:.1f} GiB peak per rank with 1 "
+            f"rank) but only {available:.1f} GiB are available; not started (lower "
+            f"--batch-size)"
+        )
 
 
 def _model_summary(one: dict, two: dict, independent: dict | None) -> dict[str, Any]:
@@ -264,9 +285,11 @@ def run_scaling(args: argparse.Namespace, run: common.BenchRun) -> dict[str, Any
         for group in groups:
             group_names = [e["name"] for e in group]
             try:
-                raw = {
-                    (n, ind): _launch({**spec, "models": group}, n, bind, ind) for n, ind in runs
-                }
+                raw = {}
+                for n, ind in runs:
+                    if n > 1:
+                        _check_memory(raw[(1, False)], n)
+                    raw[(n, ind)] = _launch({**spec, "models": group}, n, bind, ind)
             except common.BenchError as exc:
                 first = str(exc).splitlines()[0]
                 run.note(f"(a) {', '.join(group_names)} with --bind-to {bind} failed: {first}")
@@ -476,6 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         build_parser().error(f"--parts: unknown {unknown}; choose from {PARTS}")
+    if args.models is None:
+        args.models = "unet2d" if args.quick else ",".join(DEFAULT_MODELS)
+    from models import MODEL_NAMES  # cheap: TensorFlow is imported when a model is built
+
+    unknown = sorted({m.strip() for m in args.models.split(",") if m.strip()} - set(MODEL_NAMES))
+    if unknown:
+        build_parser().error(f"--models: unknown {unknown}; choose from {list(MODEL_NAMES)}")
     run = common.BenchRun(NAME, args)
     measurements: dict[str, Any] = {}
     targets: list[common.Target] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import operator
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -108,10 +109,10 @@ def test_preprocess(results: Path, cache: Path) -> None:
 
 def test_train(results: Path, cache: Path) -> None:
     result = _run("train", results / "train.json", cache)
-    # scaling per model (2), pipeline raw and tf.data (2), epoch ratio (1)
-    check_result(result, "train", 5)
+    # scaling of unet2d (quick mode's one model), pipeline raw and tf.data (2), epoch ratio
+    check_result(result, "train", 4)
     m = result["measurements"]
-    for name in ("unet2d", "unet3d"):
+    for name in ("unet2d",):
         model = m["scaling"]["models"][name]
         assert model["efficiency"] == pytest.approx(
             model["samples_per_s_2ranks"] / (2 * model["samples_per_s_1rank"])
@@ -181,3 +182,19 @@ def test_targets_and_json(tmp_path: Path) -> None:
     write_json_atomic({"x": np.float32(1.5), "y": float("inf"), "z": (np.int64(2),)}, out)
     assert json.loads(out.read_text()) == {"x": 1.5, "y": None, "z": [2]}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
+
+
+def test_two_ranks_refused_without_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks are not started when the 1-rank peak says they would not fit."""
+    from bench import common
+    from bench import train as bench_train
+
+    one_rank = {"models": {"unet3d": {"per_rank": [{"peak_rss_gib": 8.0}]}}}
+    monkeypatch.setattr(common, "memory_info", lambda: {"available_gib": 16.0})
+    with pytest.raises(common.BenchError, match="not started"):
+        bench_train._check_memory(one_rank, 2)
+    monkeypatch.setattr(common, "memory_info", lambda: {"available_gib": 20.0})
+    bench_train._check_memory(one_rank, 2)
