@@ -162,6 +162,10 @@ def atomic_path(final: Path) -> Path:
     """A temporary path beside ``final`` (same filesystem, so os.replace is atomic)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
+    # mkstemp makes 0600 files; outputs get the usual permissions (0666 less the umask)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     return Path(tmp)
 
 

@@ -59,6 +59,7 @@ from train.inference import (
     TextProgress,
     check_affine,
     check_ct_header,
+    check_inference_args,
     checked_preprocessing,
     default_batch_size,
     format_seconds,
@@ -642,14 +643,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.run is None and args.weights is None:
-        parser.error("give --run RUN_DIR, or --weights FILE (with --model NAME)")
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
-    if not 0.0 <= args.overlap < 1.0:
-        parser.error("--overlap must be in [0, 1)")
-    if args.components < 1:
-        parser.error("--components must be >= 1")
+    check_inference_args(parser, args)
     try:
         run(args)
     except (InferenceError, CaseError, DatasetError) as exc:

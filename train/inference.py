@@ -808,3 +808,15 @@ __all__ = [
     "write_labels",
     "write_overlays",
 ]
+
+
+def check_inference_args(parser: Any, args: Any) -> None:
+    """The command-line checks shared by train.predict and train.evaluate (parser.error exits)."""
+    if args.run is None and args.weights is None:
+        parser.error("give --run RUN_DIR, or --weights FILE (with --model NAME)")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    if not 0.0 <= args.overlap < 1.0:
+        parser.error("--overlap must be in [0, 1)")
+    if args.components < 1:
+        parser.error("--components must be >= 1")

@@ -30,6 +30,7 @@ from train.inference import (
     LoadedModel,
     TextProgress,
     check_ct_header,
+    check_inference_args,
     format_seconds,
     keep_largest_components,
     labels_to_original,
@@ -252,14 +253,7 @@ def _timing_line(times: dict[str, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.run is None and args.weights is None:
-        parser.error("give --run RUN_DIR, or --weights FILE (with --model NAME)")
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
-    if not 0.0 <= args.overlap < 1.0:
-        parser.error("--overlap must be in [0, 1)")
-    if args.components < 1:
-        parser.error("--components must be >= 1")
+    check_inference_args(parser, args)
     try:
         overlay = parse_overlay_slices(args.overlay_slices)
     except argparse.ArgumentTypeError as exc:
