@@ -403,3 +403,30 @@ def test_help_explains_options():
 def test_balanced_weights_formula():
     np.testing.assert_allclose(balanced_class_weights([90, 9, 1]), [100 / 270, 100 / 27, 100 / 3])
     assert json.dumps(balanced_class_weights([5, 0, 5]))  # absent class -> 0, still serialisable
+
+
+@pytest.mark.parametrize("name", ["vol.nii.gz", "vol.nii"])
+def test_read_volume_matches_nibabel_and_rejects_truncated_files(tmp_path, name):
+    from preprocess.kits import CaseError, read_volume
+
+    rng = np.random.default_rng(1)
+    hu = rng.integers(-1024, 3000, size=(7, 12, 10)).astype(np.int16)
+    affine = np.diag([-0.8, -0.8, 2.5, 1.0])[[2, 1, 0, 3]]
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(hu, affine), str(path))
+    voxels, got_affine, digest = read_volume(path, "case_x")
+    reference = nib.load(str(path))
+    np.testing.assert_array_equal(voxels, np.asarray(reference.dataobj))
+    assert voxels.dtype == np.int16 and voxels.flags.f_contiguous
+    np.testing.assert_allclose(got_affine, reference.affine)
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    # scaled storage comes back scaled, as nibabel gives it
+    scaled = nib.Nifti1Image(hu, affine)
+    scaled.header.set_slope_inter(0.5, -10)
+    nib.save(scaled, str(path))
+    np.testing.assert_allclose(
+        read_volume(path, "case_x")[0], np.asarray(nib.load(str(path)).dataobj), rtol=1e-6
+    )
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CaseError, match=r"case_x: cannot read .*vol\.nii"):
+        read_volume(path, "case_x")

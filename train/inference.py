@@ -39,7 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from preprocess.kits import atomic_path, save_nifti_atomic
-from preprocess.resize import resize_images, window_to_uint8
+from preprocess.resize import window_and_resize, window_to_uint8
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Keras 2, before TensorFlow is imported
 
@@ -62,8 +62,6 @@ GAUSSIAN_SIGMA_SCALE = 0.125
 AFFINE_TOLERANCE = 1e-2
 #: Slices resampled per OpenCV call in labels_to_original (bounds memory at full resolution).
 _RESAMPLE_CHUNK = 16
-#: Slices windowed and resized per step in preprocessing (bounds the float32 temporaries).
-_PREPROCESS_CHUNK = 64
 
 Progress = Callable[[int, int], None]
 
@@ -317,20 +315,14 @@ def instantiate(
 def _scaled_slices(hu: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """(S, H, W) HU -> (S, size, size) float32 in [0, 1], one channel, exactly as training.
 
-    Training stored ``resize_images(window_to_uint8(hu))`` (rounded uint8) and divided by 255;
-    the same rounding is kept here. Works in chunks of slices so that a 500-slice CT does not
-    need another full-resolution float32 copy.
+    Training stored ``window_and_resize(hu)`` (= ``resize_images(window_to_uint8(hu))``,
+    rounded uint8) and divided by 255; the same function and rounding are used here.
     """
-    hu = np.asarray(hu)
+    hu = np.asanyarray(hu)
     if hu.ndim != 3:
         raise ValueError(f"expected a (slices, H, W) volume, got shape {hu.shape}")
-    out = np.empty((hu.shape[0], prep.image_size, prep.image_size), np.float32)
-    for start in range(0, hu.shape[0], _PREPROCESS_CHUNK):
-        part = hu[start : start + _PREPROCESS_CHUNK]
-        small = resize_images(window_to_uint8(part, prep.hu_min, prep.hu_max), prep.image_size)
-        out[start : start + len(part)] = small
-    out /= np.float32(255.0)
-    return out
+    small = window_and_resize(hu, prep.hu_min, prep.hu_max, prep.image_size)
+    return small.astype(np.float32) / np.float32(255.0)
 
 
 def _with_channels(x: np.ndarray, channels: int) -> np.ndarray:
