@@ -8,13 +8,14 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test lint format demo bench clean help
+.PHONY: setup test lint format demo bench weights clean help
 
 help:
 	@echo "make setup  - install apt packages, .venv with pinned requirements, Horovod (idempotent)"
 	@echo "make test   - setup, then lint (ruff) and the full test suite (pytest)"
 	@echo "make demo   - setup, then synthetic data -> preprocessing -> 2-rank training -> evaluation"
 	@echo "make bench  - setup, then the benchmarks, JSON results in bench/results/"
+	@echo "make weights MODEL=unet2d|unet3d - train (or continue) model_weights/MODEL, see scripts/train_weights.sh"
 	@echo "make format - apply ruff formatting"
 
 setup:
@@ -36,6 +37,9 @@ demo: setup
 
 bench: setup
 	@bash scripts/bench.sh
+
+weights: setup
+	@MODEL=$(MODEL) bash scripts/train_weights.sh
 
 clean:
 	rm -rf demo_output bench/results/*.tmp .pytest_cache

@@ -63,6 +63,16 @@ class BenchError(RuntimeError):
     """A benchmark step failed (a command exited non-zero, a worker printed no result, ...)."""
 
 
+def run_main(main: Callable[[], int]) -> None:
+    """A benchmark script's entry point: exit with ``main()``'s code, or 1 and the message of a
+    :class:`BenchError` (a clear failure, not a traceback)."""
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
 # --------------------------------------------------------------------------------------------
 # The machine
 # --------------------------------------------------------------------------------------------
