@@ -48,6 +48,27 @@ def run_module(
     return proc
 
 
+def preprocess_small(
+    kits: Path, out: Path, *extra: str, shards: int = 2, np_ranks: int = 0
+) -> Path:
+    """``python -m preprocess.downsample`` of ``kits`` into ``out``: 32x32 slices in ``shards``
+    shards per split, the tests' usual small dataset. Returns ``out``."""
+    run_module(
+        "preprocess.downsample",
+        "--kits",
+        kits,
+        "--out",
+        out,
+        "--shards",
+        str(shards),
+        "--image-size",
+        "32",
+        *extra,
+        np_ranks=np_ranks,
+    )
+    return out
+
+
 def write_simple_kits(
     folder: Path, case_ids: list[int], n_slices: int = 24, size: int = 64, seed: int = 0
 ) -> Path:

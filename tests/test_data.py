@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import run_module
+from conftest import preprocess_small
 
 from train.augment import AugmentConfig
 from train.data import (
@@ -73,17 +73,7 @@ def test_make_dataset_gives_model_inputs(simple_kits, tmp_path):
     from train.data import make_dataset
 
     out = tmp_path / "ds"
-    run_module(
-        "preprocess.downsample",
-        "--kits",
-        simple_kits,
-        "--out",
-        out,
-        "--shards",
-        "2",
-        "--image-size",
-        "32",
-    )
+    preprocess_small(simple_kits, out)
     feed = build_feed(
         out, rank=1, size=2, batch_size=4, tumor_factor=2.0, augment=AugmentConfig(), seed=0
     )

@@ -15,7 +15,7 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import PYTHON, ROOT, run_env, run_module, write_simple_kits
+from conftest import PYTHON, ROOT, preprocess_small, run_env, run_module, write_simple_kits
 
 from preprocess.dataset_format import SHARD_FIELDS, balanced_class_weights, load_manifest
 from preprocess.pipeline import block_starts, plan_shards
@@ -67,20 +67,7 @@ def test_mpi_two_ranks_match_single_process(simple_kits, tmp_path, module, extra
 
 def test_manifest_records_parameters_counts_weights_and_sources(simple_kits, tmp_path):
     out = tmp_path / "ds"
-    run_module(
-        "preprocess.downsample",
-        "--kits",
-        simple_kits,
-        "--out",
-        out,
-        "--shards",
-        "3",
-        "--image-size",
-        "32",
-        "--hu-window",
-        "-200",
-        "300",
-    )
+    preprocess_small(simple_kits, out, "--hu-window", "-200", "300", shards=3)
     m = load_manifest(out)
     assert m["normalization"]["hu_min"] == -200 and m["normalization"]["hu_max"] == 300
     assert m["parameters"]["n_shards"] == 3 and m["suite_version"]
@@ -107,23 +94,8 @@ def test_manifest_records_parameters_counts_weights_and_sources(simple_kits, tmp
 
 def test_keep_empty_keeps_all_slices(simple_kits, tmp_path):
     out = tmp_path / "ds"
-    run_module(
-        "preprocess.downsample",
-        "--kits",
-        simple_kits,
-        "--out",
-        out,
-        "--shards",
-        "1",
-        "--image-size",
-        "32",
-        "--keep-empty",
-        "--cases",
-        "0-3",
-        "--split-ratio",
-        "2",
-        "1",
-        "1",
+    preprocess_small(
+        simple_kits, out, "--keep-empty", "--cases", "0-3", "--split-ratio", "2", "1", "1", shards=1
     )
     m = load_manifest(out)
     assert sum(m["splits"][s]["n_real_samples"] for s in m["splits"]) == 4 * 24
@@ -364,17 +336,7 @@ def test_rerun_skips_good_shards_and_redoes_damaged_ones(simple_kits, tmp_path):
 
 def test_verify_catches_corrupted_and_missing_shards(simple_kits, tmp_path):
     out = tmp_path / "ds"
-    run_module(
-        "preprocess.downsample",
-        "--kits",
-        simple_kits,
-        "--out",
-        out,
-        "--shards",
-        "2",
-        "--image-size",
-        "32",
-    )
+    preprocess_small(simple_kits, out)
     ok = run_module("preprocess.verify", out)
     assert "OK" in ok.stdout
     shard = out / "val" / "shard_00001.h5"

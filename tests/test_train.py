@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import PYTHON, ROOT, run_env, run_module, write_simple_kits
+from conftest import PYTHON, ROOT, preprocess_small, run_env, run_module, write_simple_kits
 
 from preprocess.dataset_format import sha256_file, write_json_atomic
 
@@ -43,9 +43,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("train_data")
     kits = write_simple_kits(base / "kits", list(range(8)), n_slices=24, size=64)
     out = base / "slices32"
-    run_module(
-        "preprocess.downsample", "--kits", kits, "--out", out, "--shards", "2", "--image-size", "32"
-    )
+    preprocess_small(kits, out)
     return out
 
 
