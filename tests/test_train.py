@@ -330,3 +330,20 @@ def test_help_lists_options():
     text = run_module("train.train", "--help").stdout
     for option in ("--resume", "--amp", "--xla", "--class-factors", "--tumor-factor", "--loss"):
         assert option in text
+
+
+def test_bn_momentum_option_sets_every_batchnorm_layer():
+    import models
+    from train.config import build_parser
+    from train.train import set_bn_momentum
+
+    args = ["--model", "unet2d", "--data", "d", "--out", "o"]
+    assert build_parser().parse_args([*args, "--bn-momentum", "0.9"]).bn_momentum == 0.9
+    assert build_parser().parse_args(args).bn_momentum is None  # the layers' own default
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*args, "--bn-momentum", "1.0"])
+    model = models.build("unet2d", (32, 32, 3), 3, base_filters=4)
+    bn_layers = [layer for layer in model.layers if "BatchNormalization" in type(layer).__name__]
+    assert bn_layers and all(layer.momentum == 0.99 for layer in bn_layers)
+    assert set_bn_momentum(model, 0.9) == len(bn_layers)
+    assert all(layer.momentum == 0.9 for layer in bn_layers)

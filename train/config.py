@@ -37,6 +37,7 @@ class TrainConfig:
     class_factors: tuple[float, float, float] = (1.0, 1.0, 1.0)
     tumor_factor: float | None = None  # None -> 1 (2D) or 4 (3D), as the thesis
     l2: float = 1e-4
+    bn_momentum: float | None = None  # None: the layers' own (Keras: 0.99)
     model_options: dict[str, Any] = field(default_factory=dict)
     augment: bool = True
     checkpoint_every: int = 6
@@ -47,7 +48,6 @@ class TrainConfig:
     threads: int = 0  # TensorFlow intra-op threads per rank; 0 = TensorFlow's default
     max_steps: int = 0  # cap on training steps per epoch (demos, tests); 0 = whole epoch
     stop_at: float | None = None  # stop once the monitored metric reaches this value
-    time_limit: float = 0.0  # seconds; stop (with a checkpoint) after the epoch that passes it
     time_limit: float = 0.0  # seconds; stop (with a checkpoint) after the epoch that passes it
     resume: bool = False
     record_samples: bool = False
@@ -89,6 +89,13 @@ def _factors(text: str) -> tuple[float, float, float]:
     if len(parts) != 3:
         raise argparse.ArgumentTypeError("--class-factors takes bg,kidney,tumor (3 numbers)")
     return parts[0], parts[1], parts[2]
+
+
+def _momentum(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"--bn-momentum must be in [0, 1), not {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="tumor samples count this many times per epoch (default 1 for 2D, 4 for 3D)",
     )
     p.add_argument("--l2", type=float, default=1e-4, help="L2 weight regularisation")
+    p.add_argument(
+        "--bn-momentum",
+        type=_momentum,
+        default=None,
+        metavar="M",
+        help="momentum of every BatchNormalization layer's moving mean and variance (default: "
+        "Keras's 0.99). Validation and inference use those moving statistics; after only a "
+        "few hundred steps (short CPU runs) 0.99 leaves them near their initial values and "
+        "validation far below training, 0.9 follows the weights within tens of steps",
+    )
     p.add_argument(
         "--model-option",
         dest="model_options",

@@ -30,6 +30,22 @@ def _stop_on_any_error(log: Any, error: str | None) -> bool:
     return any(hvd_tf.allgather_object(error))
 
 
+def set_bn_momentum(model: Any, momentum: float) -> int:
+    """Set the moving-statistics momentum of every BatchNormalization layer; returns how many.
+
+    A training choice rather than architecture (it changes no weight), so it is applied here,
+    before compile, instead of being an option of every model builder.
+    """
+    import tf_keras as keras  # TensorFlow is imported only once training starts, as in run()
+
+    changed = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+            changed += 1
+    return changed
+
+
 def run(cfg: Any) -> int:
     """Train according to ``cfg`` (a train.config.TrainConfig); returns the exit status."""
     import tf_keras as keras
@@ -159,6 +175,8 @@ def run(cfg: Any) -> int:
             model.output
         )
         model = keras.Model(model.input, outputs, name=model.name)
+    if cfg.bn_momentum is not None:
+        set_bn_momentum(model, cfg.bn_momentum)
     config["n_params"] = int(model.count_params())
     set_seeds(cfg.seed + rank)
     optimizer = hvd.DistributedOptimizer(keras.optimizers.Adam(learning_rate=effective_lr))
