@@ -158,15 +158,6 @@ def read_volume(path: Path, where: str) -> tuple[np.ndarray, np.ndarray, str]:
     return voxels, affine, digest
 
 
-def _load_nifti(path: Path, case: str) -> nib.Nifti1Image:
-    if not path.is_file():
-        raise CaseError(f"{case}: missing file {path}")
-    try:
-        return nib.load(str(path))
-    except Exception as exc:  # nibabel raises several types for corrupt or foreign files
-        raise CaseError(f"{case}: cannot read {path} as NIfTI: {exc}") from exc
-
-
 def validate_labels(seg: np.ndarray, where: str) -> np.ndarray:
     """Check a label array holds only 0/1/2 and return it as uint8."""
     if seg.dtype.kind == "f":

@@ -44,9 +44,9 @@ from preprocess.kits import (
     IMAGING,
     SEGMENTATION,
     CaseError,
-    _load_nifti,
     case_name,
     parse_case_list,
+    read_volume,
     spacing_from_affine,
     validate_labels,
     write_case,
@@ -1043,17 +1043,16 @@ def load_label_map(
     in-plane to size x size (nearest neighbour) and scales the spacing to match.
     """
     path = Path(path)
-    nii = _load_nifti(path, case_name(case_id))
-    if nii.ndim != 3:
-        raise CaseError(f"{path}: label map is {nii.ndim}-D, expected 3-D (slices, H, W)")
-    raw = np.asarray(nii.dataobj)
+    raw, affine, _ = read_volume(path, case_name(case_id))
+    if raw.ndim != 3:
+        raise CaseError(f"{path}: label map is {raw.ndim}-D, expected 3-D (slices, H, W)")
     if raw.dtype.kind == "f" and not np.all(np.isfinite(raw)):
         raise CaseError(f"{path}: label map contains non-finite values")
     if raw.dtype.kind in "ub" and raw.size and int(raw.max()) <= 2:
         labels = raw.astype(np.uint8, copy=False)  # fast path: np.unique sorts 10^8 voxels
     else:
         labels = validate_labels(raw, str(path))
-    spacing = spacing_from_affine(nii.affine)
+    spacing = spacing_from_affine(affine)
     if not all(np.isfinite(s) and s > 0 for s in spacing):
         spacing = _json_spacing(path, case_id)
         if spacing is None:
