@@ -71,7 +71,10 @@ class PreprocessConfig:
     hu_min: float = -512.0  # the thesis's window
     hu_max: float = 512.0
     mask_method: str = "area_rescue"
-    keep_empty: bool = False
+    # fraction of the samples without kidney or tumor kept (seeded per case); 0 drops them all
+    # as the thesis did, 1 keeps every one. Whole-volume inference meets such slices, and a
+    # model that never saw one marks kidney on them.
+    keep_empty: float = 0.0
     block_depth: int = 32
     block_overlap: int = 12
     n_shards: int = 4
@@ -112,6 +115,8 @@ class PreprocessConfig:
             )
         if self.n_shards < 1:
             raise ValueError("--shards must be >= 1")
+        if not 0.0 <= self.keep_empty <= 1.0:
+            raise ValueError(f"--keep-empty {self.keep_empty} must be a fraction in [0, 1]")
 
 
 def _digest(obj: Any) -> str:
@@ -166,8 +171,10 @@ def process_case(cfg: PreprocessConfig, case_id: int) -> dict[str, Any]:
     n_slices = seg.shape[0]
     # axis=(1, 2), not a reshape: nibabel's arrays are Fortran-ordered and a reshape would copy
     foreground = (seg > 0).any(axis=(1, 2))
+    # one draw per slice (or block start), seeded by the case: the same on any number of ranks
+    keep_draw = np.random.default_rng([cfg.shuffle_seed, case_id]).random(n_slices)
     if cfg.kind == "slices":
-        keep = np.arange(n_slices) if cfg.keep_empty else np.flatnonzero(foreground)
+        keep = np.flatnonzero(foreground | (keep_draw < cfg.keep_empty))
         # Resize the span of kept slices as a view (no gather of a full-resolution copy), then
         # pick the kept ones at the small size; the span rarely holds more than a few others.
         lo, hi = (int(keep[0]), int(keep[-1]) + 1) if len(keep) else (0, 0)
@@ -176,7 +183,7 @@ def process_case(cfg: PreprocessConfig, case_id: int) -> dict[str, Any]:
         masks = resize_masks(seg[lo:hi], cfg.image_size, cfg.mask_method)[keep - lo]
         slice_index = keep.astype(np.int32)
     else:
-        if cfg.keep_empty:
+        if cfg.keep_empty > 0:
             first, last = 0, n_slices - 1
         elif foreground.any():
             fg = np.flatnonzero(foreground)
@@ -188,6 +195,13 @@ def process_case(cfg: PreprocessConfig, case_id: int) -> dict[str, Any]:
         else:
             starts = block_starts(first, last, n_slices, cfg.block_depth, cfg.block_overlap)
         depth = cfg.block_depth
+        if 0 < cfg.keep_empty < 1:
+            # blocks over the whole volume; those without kidney or tumor kept by their draw
+            starts = [
+                s
+                for s in starts
+                if foreground[s : s + depth].any() or keep_draw[s] < cfg.keep_empty
+            ]
         if starts:
             lo, hi = min(starts), min(max(starts) + depth, n_slices)
             img_all = window_and_resize(case.imaging[lo:hi], cfg.hu_min, cfg.hu_max, cfg.image_size)
@@ -667,6 +681,13 @@ def _manifest(
 # --------------------------------------------------------------------------------------------
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1]")
+    return value
+
+
 def build_parser(kind: str, prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -700,8 +721,14 @@ def build_parser(kind: str, prog: str, description: str) -> argparse.ArgumentPar
     )
     p.add_argument(
         "--keep-empty",
-        action="store_true",
-        help="keep slices without kidney or tumor (dropped by default)",
+        type=_fraction,
+        nargs="?",
+        const=1.0,
+        default=0.0,
+        metavar="FRACTION",
+        help="keep this fraction of the slices (3D: blocks) without kidney or tumor, drawn "
+        "per case with --shuffle-seed; alone it keeps them all (default: all dropped, as "
+        "in the thesis). Models for whole-volume inference need some, e.g. 0.3",
     )
     if kind == "blocks":
         p.add_argument("--depth", type=int, default=32, help="slices per 3D block")

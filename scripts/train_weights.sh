@@ -17,9 +17,14 @@
 #                         the next 6 present there
 #   RANKS [2]  TIME_LIMIT [2400]  EPOCHS [100]  WARMUP [1] epochs
 #   BATCH [unet2d 16, unet3d 1] per rank   LR [unet2d 4e-4, unet3d 3e-4] per rank
-#   MAX_STEPS [unet2d 40, unet3d 25]  steps per epoch: short epochs, so that a run of a few
-#                         CPU-hours still gets several validations, best checkpoints and
+#   MAX_STEPS [unet2d 100, unet3d 60]  steps per epoch: short epochs, so that a run of a
+#                         CPU-hour still gets many validations, best checkpoints and
 #                         learning-rate reductions (each epoch draws a fresh shuffle)
+#   MODEL_OPTIONS [unet2d base_filters=16, unet3d base_filters=12]  a quarter of the thesis's
+#                         widths (64, 48), ~1/16 of the compute: what one CPU-hour can train
+#   KEEP_EMPTY [0.3]      fraction of the slices/blocks without kidney kept (whole-volume
+#                         inference meets them; a model that never saw one marks kidney there)
+#   BN_MOMENTUM [0.9]     BatchNormalization statistics that follow a run of a few thousand steps
 #   EXTRA_TRAIN_ARGS      more train.train options
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,9 +42,9 @@ EPOCHS="${EPOCHS:-100}"
 RUN="$ROOT/model_weights/$MODEL"
 case "$MODEL" in
     unet2d) KIND=downsample DATA="$WORK/slices128" BATCH="${BATCH:-16}" LR="${LR:-4e-4}"
-        MAX_STEPS="${MAX_STEPS:-40}" ;;
+        MAX_STEPS="${MAX_STEPS:-100}" MODEL_OPTIONS="${MODEL_OPTIONS-base_filters=16}" ;;
     unet3d) KIND=blocks DATA="$WORK/blocks32" BATCH="${BATCH:-1}" LR="${LR:-3e-4}"
-        MAX_STEPS="${MAX_STEPS:-25}" ;;
+        MAX_STEPS="${MAX_STEPS:-60}" MODEL_OPTIONS="${MODEL_OPTIONS-base_filters=12}" ;;
     *) echo "error: MODEL must be unet2d or unet3d, not '$MODEL'" >&2; exit 2 ;;
 esac
 [[ -d "$LABELS" ]] || { echo "error: label maps folder $LABELS not found (set LABELS)" >&2; exit 2; }
@@ -69,20 +74,23 @@ say "1/4 synthetic CT around the label maps -> $WORK/kits"
 
 say "2/4 preprocessing ($KIND, 128x128, $RANKS shards) -> $DATA"
 "${MPIRUN[@]}" "$PY" -m preprocess."$KIND" --kits "$WORK/kits" --out "$DATA" --shards "$RANKS" \
-    --cases "$TRAIN,$VAL,$TEST" --train-cases "$TRAIN" --val-cases "$VAL" --test-cases "$TEST"
+    --cases "$TRAIN,$VAL,$TEST" --keep-empty "${KEEP_EMPTY:-0.3}" --train-cases "$TRAIN" --val-cases "$VAL" --test-cases "$TEST"
 "$PY" -m preprocess.verify "$DATA"
 
 say "3/4 training $MODEL on $RANKS ranks for at most ${TIME_LIMIT}s -> $RUN"
 RESUME=()
 [[ -f "$RUN/checkpoints/latest.json" ]] && RESUME=(--resume)
+OPTIONS=()
+[[ -n "$MODEL_OPTIONS" ]] && OPTIONS=(--model-option "$MODEL_OPTIONS")
 export KITS_RUN_NOTE="trained on synthetic CT rendered by preprocess.synthetic around real KiTS19 \
-label maps (cases $TRAIN), not on real CT; validation cases $VAL, held-out test cases $TEST; \
+label maps (cases $TRAIN), not on real CT; slices/blocks without kidney kept: fraction \
+${KEEP_EMPTY:-0.3}; validation cases $VAL, held-out test cases $TEST; \
 made by scripts/train_weights.sh"
 # shellcheck disable=SC2086  # EXTRA_TRAIN_ARGS is a list of options
 "${MPIRUN[@]}" "$PY" -m train.train --model "$MODEL" --data "$DATA" --out "$RUN" \
     --epochs "$EPOCHS" --batch-size "$BATCH" --lr "$LR" --warmup-epochs "${WARMUP:-1}" \
     --max-steps "$MAX_STEPS" --threads 1 --checkpoint-every 1 --time-limit "$TIME_LIMIT" \
-    "${RESUME[@]}" ${EXTRA_TRAIN_ARGS:-}
+    --bn-momentum "${BN_MOMENTUM:-0.9}" "${OPTIONS[@]}" "${RESUME[@]}" ${EXTRA_TRAIN_ARGS:-}
 
 say "4/4 evaluation on the held-out cases $TEST -> $RUN/evaluation"
 "$PY" -m train.evaluate --run "$RUN" --kits "$WORK/kits" --cases "$TEST" --data "$DATA" \

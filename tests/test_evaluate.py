@@ -157,6 +157,18 @@ def test_cases_option_save_predictions_and_explicit_data(run2d, kits_and_data, t
     assert (out / "predictions" / "case_00001.nii.gz").is_file()
 
 
+def test_volumes_only_skips_the_recorded_dataset(run2d, kits_and_data, tmp_path, capsys):
+    kits, data = kits_and_data
+    out = tmp_path / "eval"
+    argv = ["--run", str(run2d), "--kits", str(kits), "--cases", "6", "--volumes-only"]
+    assert evaluate.main(argv + ["--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dataset"] is None and "--volumes-only" in metrics["dataset_note"]
+    assert metrics["volumes"]["cases"] == ["case_00006"]
+    code = evaluate.main(argv + ["--data", str(data), "--out", str(tmp_path / "other")])
+    assert code == 2 and "exclude each other" in capsys.readouterr().err
+
+
 def test_3d_model_on_a_block_dataset(kits_and_data, tmp_path):
     kits, _ = kits_and_data
     data = tmp_path / "blocks"

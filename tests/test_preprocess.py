@@ -18,7 +18,7 @@ import pytest
 from conftest import PYTHON, ROOT, preprocess_small, run_env, run_module, write_simple_kits
 
 from preprocess.dataset_format import SHARD_FIELDS, balanced_class_weights, load_manifest
-from preprocess.pipeline import block_starts, plan_shards
+from preprocess.pipeline import PreprocessConfig, block_starts, plan_shards, process_case
 from preprocess.splits import make_split
 
 
@@ -99,6 +99,46 @@ def test_keep_empty_keeps_all_slices(simple_kits, tmp_path):
     )
     m = load_manifest(out)
     assert sum(m["splits"][s]["n_real_samples"] for s in m["splits"]) == 4 * 24
+
+
+def test_keep_empty_fraction_keeps_some_empty_samples_deterministically(tmp_path):
+    from preprocess.kits import write_case
+
+    kits = tmp_path / "kits"
+    rng = np.random.default_rng(0)
+    for c in range(3):  # 80 slices, kidney only in 30-44: most slices and blocks are empty
+        seg = np.zeros((80, 32, 32), np.uint8)
+        seg[30:45, 8:20, 8:20] = 1
+        write_case(kits, c, rng.normal(0, 30, seg.shape) + 100.0 * seg, seg, (2.5, 1.0, 1.0))
+
+    def kept(kind: str, fraction: float, seed: int = 42) -> list[set[int]]:
+        cfg = PreprocessConfig(
+            kind=kind, kits_dir=str(kits), out_dir="unused", image_size=16,
+            keep_empty=fraction, block_depth=8, block_overlap=2, shuffle_seed=seed,
+        )  # fmt: skip
+        return [set(process_case(cfg, c)["slice_index"].tolist()) for c in range(3)]
+
+    for kind in ("slices", "blocks"):
+        none, half, every = (kept(kind, f) for f in (0.0, 0.5, 1.0))
+        sizes = [sum(map(len, runs)) for runs in (none, half, every)]
+        assert sizes[0] < sizes[1] < sizes[2], (kind, sizes)
+        if kind == "slices":
+            # every slice with kidney stays; the empty ones kept are a subset of all
+            assert all(
+                set(range(30, 45)) == s0 <= s_half for s0, s_half in zip(none, half, strict=True)
+            )
+        assert all(s_half <= s_all for s_half, s_all in zip(half, every, strict=True))
+        assert kept(kind, 0.5) == half  # seeded: the same on every run and rank
+        assert kept(kind, 0.5, seed=7) != half
+
+
+def test_keep_empty_rejects_a_non_fraction(simple_kits, tmp_path):
+    proc = run_module(
+        "preprocess.downsample", "--kits", simple_kits, "--out", tmp_path / "ds",
+        "--keep-empty", "1.5", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "not a fraction" in proc.stderr
+    assert not (tmp_path / "ds").exists()
 
 
 def test_padding_gives_equal_shards_and_is_flagged():

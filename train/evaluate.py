@@ -501,6 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="preprocessed dataset for JC_w at "
         "model resolution (default: the one in config.json, if it still exists)",
     )
+    data.add_argument(
+        "--volumes-only",
+        action="store_true",
+        help="whole volumes only: no dataset evaluation, even if config.json names one "
+        "(e.g. shipped weights on new cases)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the result files")
     opt = p.add_argument_group("inference options")
     opt.add_argument(
@@ -548,7 +554,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config, weights_path, config_path = resolve_model_source(args.run, args.weights, args.model)
     checked_preprocessing(config, config_path)
     n_classes = int(config.get("n_classes", 3))
-    dataset_dir, dataset_source = find_dataset(args.data, config)
+    if args.volumes_only:
+        if args.data:
+            raise InferenceError("--volumes-only and --data exclude each other")
+        dataset_dir, dataset_source = None, "no dataset evaluation (--volumes-only)"
+    else:
+        dataset_dir, dataset_source = find_dataset(args.data, config)
     manifest = load_manifest(dataset_dir) if dataset_dir else None
     class_weights, weights_source = class_weights_for(config, manifest, n_classes)
     kits_dir = Path(args.kits) if args.kits else None
