@@ -83,7 +83,8 @@ RESUME=()
 OPTIONS=()
 [[ -n "$MODEL_OPTIONS" ]] && OPTIONS=(--model-option "$MODEL_OPTIONS")
 export KITS_RUN_NOTE="trained on synthetic CT rendered by preprocess.synthetic around real KiTS19 \
-label maps (cases $TRAIN), not on real CT; slices/blocks without kidney kept: fraction \
+label maps (cases $TRAIN), not on real CT; model options ${MODEL_OPTIONS:-none} (the thesis: \
+base_filters 64 for unet2d, 48 for unet3d); slices/blocks without kidney kept: fraction \
 ${KEEP_EMPTY:-0.3}; validation cases $VAL, held-out test cases $TEST; \
 made by scripts/train_weights.sh"
 # shellcheck disable=SC2086  # EXTRA_TRAIN_ARGS is a list of options

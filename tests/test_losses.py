@@ -114,6 +114,15 @@ def test_crossentropy_hand_value():
     close(ce, [0.5736542])
 
 
+def test_dice_ce_is_weighted_dice_plus_scaled_crossentropy():
+    # weighted Dice (1, 2, 3) 1 - .6028571 = .3971429 (above) + CE .5736542 (above)
+    close(L.dice_ce_loss(W, smooth=0.0)(Y_TRUE, Y_PRED), [0.3971429 + 0.5736542])
+    close(L.dice_ce_loss(W, smooth=0.0, ce_weight=0.5)(Y_TRUE, Y_PRED), [0.3971429 + 0.2868271])
+    close(L.get_loss("dice_ce", W, smooth=0.0)(Y_TRUE, Y_PRED), [0.3971429 + 0.5736542])
+    with pytest.raises(ValueError, match="ce_weight"):
+        L.dice_ce_loss(W, ce_weight=-1.0)
+
+
 def test_weighted_crossentropy_hand_value():
     # weights (1, 2, 3) by true class: .3566749 + 2 * .2231436 + 3 * .5108256 + 2 * 1.2039728
     # = 4.7433844; / 4 pixels = 1.1858461
@@ -409,6 +418,7 @@ def test_registry_names():
         "balanced_bce",
         "dice",
         "weighted_dice",
+        "dice_ce",
         "jaccard",
         "softmax_dice",
         "tversky",

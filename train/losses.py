@@ -326,6 +326,29 @@ def weighted_dice_loss(
     )
 
 
+def dice_ce_loss(
+    class_weights: Sequence[float] | None = None,
+    smooth: float = DEFAULT_SMOOTH,
+    ce_weight: float = 1.0,
+) -> LossFn:
+    """Weighted Dice loss plus categorical cross-entropy: ``DCL_w + ce_weight * CE``.
+
+    Not in the thesis; nnU-Net's default form (soft Dice + CE). The Dice term's class weights
+    lift the rare tumor class, while the per-voxel CE term gives every class a gradient from
+    the first step; with the weighted Dice alone, short runs here learned kidney or tumor but
+    rarely both. Per sample (B,): the batch-wide Dice term is added to each sample's CE.
+    """
+    if not np.isfinite(ce_weight) or ce_weight < 0:
+        raise ValueError(f"ce_weight must be >= 0; got {ce_weight}")
+    dice = weighted_dice_loss(class_weights, smooth)
+    ce = crossentropy_loss()
+
+    def loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        return dice(y_true, y_pred) + ce_weight * ce(y_true, y_pred)
+
+    return _named(loss, "dice_ce_loss")
+
+
 def jaccard_loss(smooth: float = DEFAULT_SMOOTH) -> LossFn:
     """Jaccard coefficient loss (JCL, thesis eq. 3.6) ``1 - mean_c JC_c`` -> scalar.
 
@@ -397,6 +420,7 @@ LOSSES: dict[str, Callable[..., LossFn]] = {
     "balanced_bce": balanced_bce_loss,
     "dice": dice_loss,
     "weighted_dice": weighted_dice_loss,
+    "dice_ce": dice_ce_loss,
     "jaccard": jaccard_loss,
     "softmax_dice": softmax_dice_loss,
     "tversky": tversky_loss,
@@ -408,6 +432,7 @@ DEFAULT_LOSS = "weighted_dice"
 _CLASS_WEIGHT_PARAM = {
     "weighted_ce": "class_weights",
     "weighted_dice": "class_weights",
+    "dice_ce": "class_weights",
     "focal": "alpha",
 }
 
@@ -418,9 +443,10 @@ def get_loss(
     """Loss by name: one of ``LOSSES`` (default ``"weighted_dice"``, DCL_w).
 
     ``class_weights`` (one per class, background first) are used by ``weighted_ce``,
-    ``weighted_dice`` and ``focal`` (as its alpha, unless ``alpha`` is given); the other losses
-    are unweighted by definition and ignore them. ``params`` go to the factory (e.g.
-    ``smooth``, ``alpha``, ``beta``, ``gamma``); unknown parameters raise TypeError.
+    ``weighted_dice``, ``dice_ce`` (its Dice term) and ``focal`` (as its alpha, unless
+    ``alpha`` is given); the other losses are unweighted by definition and ignore them.
+    ``params`` go to the factory (e.g. ``smooth``, ``alpha``, ``beta``, ``gamma``,
+    ``ce_weight``); unknown parameters raise TypeError.
 
     Raises:
         ValueError: unknown loss name (the message lists the valid names).
