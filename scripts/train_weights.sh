@@ -15,6 +15,7 @@
 #   N_TRAIN [40]          training cases: the first N present in the thesis's training ranges
 #                         (0-119, 140-199); validation: the first 6 present in 120-139; test:
 #                         the next 6 present there
+#   RUN [model_weights/MODEL]  the run folder (an existing one is continued with --resume)
 #   RANKS [2]  TIME_LIMIT [2400]  EPOCHS [100]  WARMUP [1] epochs
 #   BATCH [unet2d 16, unet3d 1] per rank   LR [unet2d 4e-4, unet3d 3e-4] per rank
 #   MAX_STEPS [unet2d 100, unet3d 60]  steps per epoch: short epochs, so that a run of a
@@ -24,6 +25,9 @@
 #                         widths (64, 48), ~1/16 of the compute: what one CPU-hour can train
 #   KEEP_EMPTY [0.3]      fraction of the slices/blocks without kidney kept (whole-volume
 #                         inference meets them; a model that never saw one marks kidney there)
+#   LOSS [dice_ce]        weighted Dice + cross-entropy: with the weighted Dice alone, short
+#                         runs learned kidney or tumor, rarely both
+#   TUMOR_FACTOR [1]      tumor samples per epoch (above 1, the 2D run lost the kidney)
 #   BN_MOMENTUM [0.9]     BatchNormalization statistics that follow a run of a few thousand steps
 #   EXTRA_TRAIN_ARGS      more train.train options
 set -euo pipefail
@@ -39,7 +43,7 @@ N_TRAIN="${N_TRAIN:-40}"
 RANKS="${RANKS:-2}"
 TIME_LIMIT="${TIME_LIMIT:-2400}"
 EPOCHS="${EPOCHS:-100}"
-RUN="$ROOT/model_weights/$MODEL"
+RUN="${RUN:-$ROOT/model_weights/$MODEL}"
 case "$MODEL" in
     unet2d) KIND=downsample DATA="$WORK/slices128" BATCH="${BATCH:-16}" LR="${LR:-4e-4}"
         MAX_STEPS="${MAX_STEPS:-100}" MODEL_OPTIONS="${MODEL_OPTIONS-base_filters=16}" ;;
@@ -91,6 +95,7 @@ made by scripts/train_weights.sh"
 "${MPIRUN[@]}" "$PY" -m train.train --model "$MODEL" --data "$DATA" --out "$RUN" \
     --epochs "$EPOCHS" --batch-size "$BATCH" --lr "$LR" --warmup-epochs "${WARMUP:-1}" \
     --max-steps "$MAX_STEPS" --threads 1 --checkpoint-every 1 --time-limit "$TIME_LIMIT" \
+    --loss "${LOSS:-dice_ce}" --tumor-factor "${TUMOR_FACTOR:-1}" \
     --bn-momentum "${BN_MOMENTUM:-0.9}" "${OPTIONS[@]}" "${RESUME[@]}" ${EXTRA_TRAIN_ARGS:-}
 
 say "4/4 evaluation on the held-out cases $TEST -> $RUN/evaluation"
