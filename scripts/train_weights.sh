@@ -78,7 +78,8 @@ say "1/4 synthetic CT around the label maps -> $WORK/kits"
 
 say "2/4 preprocessing ($KIND, 128x128, $RANKS shards) -> $DATA"
 "${MPIRUN[@]}" "$PY" -m preprocess."$KIND" --kits "$WORK/kits" --out "$DATA" --shards "$RANKS" \
-    --cases "$TRAIN,$VAL,$TEST" --keep-empty "${KEEP_EMPTY:-0.3}" --train-cases "$TRAIN" --val-cases "$VAL" --test-cases "$TEST"
+    --cases "$TRAIN,$VAL,$TEST" --train-cases "$TRAIN" --val-cases "$VAL" --test-cases "$TEST" \
+    --keep-empty "${KEEP_EMPTY:-0.3}"
 "$PY" -m preprocess.verify "$DATA"
 
 say "3/4 training $MODEL on $RANKS ranks for at most ${TIME_LIMIT}s -> $RUN"

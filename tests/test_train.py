@@ -333,6 +333,8 @@ def test_help_lists_options():
 
 
 def test_bn_momentum_option_sets_every_batchnorm_layer():
+    import tf_keras as keras
+
     import models
     from train.config import build_parser
     from train.train import set_bn_momentum
@@ -347,3 +349,8 @@ def test_bn_momentum_option_sets_every_batchnorm_layer():
     assert bn_layers and all(layer.momentum == 0.99 for layer in bn_layers)
     assert set_bn_momentum(model, 0.9) == len(bn_layers)
     assert all(layer.momentum == 0.9 for layer in bn_layers)
+    # a model nested inside another (e.g. a backbone) is reached as well
+    outer_in = keras.Input((32, 32, 3))
+    outer = keras.Model(outer_in, keras.layers.BatchNormalization()(model(outer_in)))
+    assert set_bn_momentum(outer, 0.8) == len(bn_layers) + 1
+    assert all(layer.momentum == 0.8 for layer in bn_layers)

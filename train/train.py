@@ -39,7 +39,8 @@ def set_bn_momentum(model: Any, momentum: float) -> int:
     import tf_keras as keras  # TensorFlow is imported only once training starts, as in run()
 
     changed = 0
-    for layer in model.layers:
+    # submodules, not layers: a backbone nested as a Model of its own is reached too
+    for layer in model.submodules:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = momentum
             changed += 1
