@@ -227,7 +227,8 @@ def test_resume_after_kill_continues_with_optimizer_state(tiny_dataset, tmp_path
     assert 2 <= killed_at < 6
     assert len(_history(run_dir)) >= killed_at
 
-    resumed = _train(MPIRUN, *args, "--resume")
+    # the resumed session changes a training option: config.json keeps the earlier one's
+    resumed = _train(MPIRUN, *args, "--resume", "--plateau-factor", "0.5")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     match = re.search(
         r"resuming .* at epoch (\d+) \(optimizer iterations (\d+), optimizer "
@@ -244,6 +245,14 @@ def test_resume_after_kill_continues_with_optimizer_state(tiny_dataset, tmp_path
     assert final["optimizer_iterations"] == 6 * steps  # the step counter carried over
     epochs = [int(row["epoch"]) for row in _history(run_dir)]
     assert epochs[-(6 - killed_at) :] == list(range(killed_at, 6))
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["train"]["plateau_factor"] == 0.5 and config["train"]["resume"]
+    [earlier] = config["earlier_sessions"]
+    assert earlier["epochs_done"] == killed_at
+    assert earlier["train"]["plateau_factor"] == 0.95 and not earlier["train"]["resume"]
+    info = (run_dir / "basic_info.txt").read_text()
+    assert f"earlier session: until epoch {killed_at}, with plateau_factor 0.95 " in info
 
 
 def test_resume_without_checkpoint_and_rerun_without_resume_are_errors(tiny_dataset, tmp_path):

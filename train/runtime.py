@@ -128,6 +128,31 @@ def check_resume_compatible(run_dir: Path, config: dict[str, Any]) -> None:
         )
 
 
+def record_resumed_session(
+    run_dir: Path, config: dict[str, Any], resumed_at_epoch: int
+) -> dict[str, Any]:
+    """``config`` for a resumed session, keeping the training options of the sessions before.
+
+    A resumed session may change training options (loss, tumor factor, patience, ...), not the
+    model or the data (:func:`check_resume_compatible`). config.json then describes the latest
+    session, and ``earlier_sessions`` lists each earlier one's options with the number of
+    epochs done when it ended, so the run's whole recipe stays on record.
+    """
+    old = json.loads((run_dir / "config.json").read_text())
+    earlier = [
+        *old.get("earlier_sessions", []),
+        {"epochs_done": resumed_at_epoch, "train": old["train"]},
+    ]
+    return {**config, "earlier_sessions": earlier}
+
+
+def _changed_options(before: dict[str, Any], after: dict[str, Any]) -> str:
+    ignore = {"resume", "time_limit", "stop_at", "out", "data", "verbose"}
+    keys = sorted(k for k in before.keys() | after.keys() if k not in ignore)
+    changed = [f"{k} {before.get(k)!r}" for k in keys if before.get(k) != after.get(k)]
+    return ", ".join(changed) or "the same options"
+
+
 def basic_info(config: dict[str, Any], summary: dict[str, Any]) -> str:
     """The readable summary the thesis shipped beside its weights."""
     t = config["train"]
@@ -178,6 +203,13 @@ def basic_info(config: dict[str, Any], summary: dict[str, Any]) -> str:
         f"versions:         {config['versions']}",
         f"seed:             {t['seed']} (+ rank)",
     ]
+    sessions = config.get("earlier_sessions", [])
+    for i, session in enumerate(sessions):
+        later = sessions[i + 1]["train"] if i + 1 < len(sessions) else t
+        lines.append(
+            f"earlier session: until epoch {session['epochs_done']}, with "
+            f"{_changed_options(session['train'], later)} (then changed)"
+        )
     if summary.get("note"):
         lines.append(f"note:             {summary['note']}")
     return "\n".join(lines) + "\n"

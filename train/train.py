@@ -67,6 +67,7 @@ def run(cfg: Any) -> int:
         configure_tensorflow,
         environ_summary,
         init_horovod,
+        record_resumed_session,
         set_seeds,
         versions,
         write_run_config,
@@ -196,8 +197,8 @@ def run(cfg: Any) -> int:
             if cfg.resume:
                 check_resume_compatible(run_dir, config)
                 resumed = checkpoint.load_latest(model, run_dir)
-            else:
-                write_run_config(run_dir, config)
+                config = record_resumed_session(run_dir, config, resumed["epoch"])
+            write_run_config(run_dir, config)
         except (RunError, ValueError, OSError) as exc:
             error = str(exc)
     if _stop_on_any_error(log, error):
