@@ -254,6 +254,13 @@ def test_resume_after_kill_continues_with_optimizer_state(tiny_dataset, tmp_path
     info = (run_dir / "basic_info.txt").read_text()
     assert f"earlier session: until epoch {killed_at}, with plateau_factor 0.95 " in info
 
+    # the killed session wrote no summary.json, but its time is counted (from its checkpoint)
+    assert record["sessions"] == 1 and record["train_seconds"] > 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["sessions"] == 2 == final["sessions"]
+    assert summary["train_seconds"] > final["train_seconds"] > record["train_seconds"]
+    assert "over 2 sessions (resumed)" in info
+
 
 def test_resume_without_checkpoint_and_rerun_without_resume_are_errors(tiny_dataset, tmp_path):
     proc = _train([], *TINY, "--data", tiny_dataset, "--out", tmp_path / "none", "--resume")

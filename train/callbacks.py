@@ -31,9 +31,16 @@ class CheckpointCallback(keras.callbacks.Callback):
         last_epoch: int,
         state_callbacks: dict[str, Any],
         best: dict[str, Any] | None = None,
+        seconds_before: float = 0.0,
+        session: int = 1,
     ) -> None:
         super().__init__()
         self.run_dir = run_dir
+        # Training time and session count go into every checkpoint, so that a session killed
+        # at its walltime (the usual end of a cluster job) still counts in the run's record.
+        self.seconds_before = seconds_before
+        self.session = session
+        self.t0 = time.perf_counter()
         self.monitor = monitor
         self.every = max(1, every)
         self.last_epoch = last_epoch
@@ -53,6 +60,9 @@ class CheckpointCallback(keras.callbacks.Callback):
                 if hasattr(cb, k)
             }
         return states
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.t0 = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs or {}
@@ -83,6 +93,8 @@ class CheckpointCallback(keras.callbacks.Callback):
                 "learning_rate": lr,
                 "callbacks": self.callback_states(),
                 "best": {"epoch": self.best_epoch, "value": self.best_value},
+                "train_seconds": self.seconds_before + time.perf_counter() - self.t0,
+                "sessions": self.session,
             },
         )
         self.last_saved = epoch

@@ -269,6 +269,14 @@ def run(cfg: Any) -> int:
         feed.train.recorder = cbs.ProducedIds()
         callbacks.append(cbs.SampleRecorder(hvd_tf, feed.train, run_dir))
     progress = None
+    seconds_before, sessions_before = 0.0, 0
+    if rank == 0 and resumed:
+        # from the checkpoint (it counts sessions killed after it); older checkpoints lack
+        # these, and then summary.json has what the sessions that ended cleanly recorded
+        summary_path = run_dir / "summary.json"
+        before = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        seconds_before = resumed.get("train_seconds", before.get("train_seconds", 0.0))
+        sessions_before = resumed.get("sessions", before.get("sessions", 1))
     if rank == 0:
         ckpt_cb = cbs.CheckpointCallback(
             run_dir,
@@ -277,6 +285,8 @@ def run(cfg: Any) -> int:
             cfg.epochs,
             state_cbs,
             resumed.get("best") if resumed else None,
+            seconds_before=seconds_before,
+            session=sessions_before + 1,
         )
         progress = cbs.ProgressLog(
             log, feed.train.steps_per_epoch * cfg.batch_size * size, cfg.epochs
@@ -312,9 +322,6 @@ def run(cfg: Any) -> int:
 
     if rank == 0:
         epochs_done = initial_epoch + len(history.history.get("loss", []))
-        before = {}
-        if resumed and (run_dir / "summary.json").is_file():
-            before = json.loads((run_dir / "summary.json").read_text())
         summary = {
             "n_train": manifest["splits"]["train"]["n_samples"],
             "n_val": manifest["splits"]["val"]["n_samples"],
@@ -322,8 +329,8 @@ def run(cfg: Any) -> int:
             "stopped_epoch": epochs_done if epochs_done < cfg.epochs else None,
             "best_value": ckpt_cb.best_value,
             "best_epoch": ckpt_cb.best_epoch,
-            "train_seconds": before.get("train_seconds", 0.0) + seconds,
-            "sessions": before.get("sessions", 1) + 1 if resumed else 1,
+            "train_seconds": seconds_before + seconds,
+            "sessions": sessions_before + 1,
             "note": os.environ.get("KITS_RUN_NOTE", ""),
             "weights_digest_per_rank": digests,
         }
