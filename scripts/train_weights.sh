@@ -15,7 +15,9 @@
 #   N_TRAIN [40]          training cases: the first N present in the thesis's training ranges
 #                         (0-119, 140-199); validation: the first 6 present in 120-139; test:
 #                         the next 6 present there
-#   RUN [model_weights/MODEL]  the run folder (an existing one is continued with --resume)
+#   RUN [model_weights/MODEL]  the run folder (an existing one is continued with --resume;
+#                         a continuation may change training options, and config.json
+#                         keeps each earlier session's in earlier_sessions)
 #   RANKS [2]  TIME_LIMIT [2400]  EPOCHS [100]  WARMUP [1] epochs
 #   BATCH [unet2d 16, unet3d 1] per rank   LR [unet2d 4e-4, unet3d 3e-4] per rank
 #   MAX_STEPS [unet2d 100, unet3d 60]  steps per epoch: short epochs, so that a run of a

@@ -22,7 +22,10 @@ Conventions (see ARCHITECTURE.md):
   truth and the prediction score 1 instead of 0/0, and (2) keeps a penalty with a bounded
   gradient on predicted tumour voxels in batches without tumour (with s -> 0 that term is a
   constant 1 and gives no gradient). Pass ``smooth=`` to change it; ``smooth=0`` gives the exact
-  thesis formulas but NaN for a class absent from truth and prediction.
+  thesis formulas but NaN for a class absent from truth and prediction. Where most batches hold
+  no tumour (3D blocks, one per rank), penalty (2) dominates: a Unet3D trained here with s = 1
+  learned to predict no tumour at all; ``smooth=1e-5`` (nnU-Net's) leaves such batches to the
+  cross-entropy term of ``dice_ce``.
 - Hard metrics (``weighted_jaccard``, ``dice_kidney``, ...) take the argmax of ``y_pred``,
   one-hot encode it and count over all voxels of the batch, without smoothing. A class absent
   from both the truth and the prediction (TP + FP + FN = 0) scores 1.0 (nothing to find, nothing
