@@ -370,3 +370,34 @@ def test_bn_momentum_option_sets_every_batchnorm_layer():
     outer = keras.Model(outer_in, keras.layers.BatchNormalization()(model(outer_in)))
     assert set_bn_momentum(outer, 0.8) == len(bn_layers) + 1
     assert all(layer.momentum == 0.8 for layer in bn_layers)
+
+
+def test_basic_info_names_what_each_earlier_session_changed():
+    from train.config import parse_args
+    from train.runtime import basic_info
+
+    args = ["--model", "unet3d", "--data", "d", "--out", "o", "--batch-size", "1"]
+    first = parse_args([*args, "--tumor-factor", "1"]).to_dict()
+    second = {**first, "tumor_factor": 2.0, "resume": True, "time_limit": 600.0}
+    third = {**second, "time_limit": 900.0}  # only a per-session option differs
+    config = {
+        "model": "unet3d", "n_params": 1, "input_shape": [32, 128, 128, 3],
+        "model_options": {}, "n_ranks": 2, "lr_multiplier": 2, "effective_lr": 6e-4,
+        "class_weights": [0.3, 30.0, 100.0], "versions": {},
+        "dataset": {
+            "dir": "d", "kind": "blocks", "image_size": 128, "block_depth": 32,
+            "block_overlap": 12, "manifest_sha256": "0" * 64, "channels": 3,
+            "normalization": {"hu_min": -512.0, "hu_max": 512.0},
+        },
+        "train": third,
+        "earlier_sessions": [
+            {"epochs_done": 5, "train": first},
+            {"epochs_done": 9, "train": second},
+        ],
+    }  # fmt: skip
+    lines = basic_info(config, {"sessions": 3}).splitlines()
+    earlier = [line for line in lines if line.startswith("earlier session:")]
+    assert earlier == [
+        "earlier session: until epoch 5, with tumor_factor 1.0 (then changed)",
+        "earlier session: until epoch 9, with the same options",
+    ]

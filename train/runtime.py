@@ -147,10 +147,11 @@ def record_resumed_session(
 
 
 def _changed_options(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The options of ``before`` that ``after`` changed, or "the same options"."""
     ignore = {"resume", "time_limit", "stop_at", "out", "data", "verbose"}
     keys = sorted(k for k in before.keys() | after.keys() if k not in ignore)
     changed = [f"{k} {before.get(k)!r}" for k in keys if before.get(k) != after.get(k)]
-    return ", ".join(changed) or "the same options"
+    return f"{', '.join(changed)} (then changed)" if changed else "the same options"
 
 
 def basic_info(config: dict[str, Any], summary: dict[str, Any]) -> str:
@@ -208,7 +209,7 @@ def basic_info(config: dict[str, Any], summary: dict[str, Any]) -> str:
         later = sessions[i + 1]["train"] if i + 1 < len(sessions) else t
         lines.append(
             f"earlier session: until epoch {session['epochs_done']}, with "
-            f"{_changed_options(session['train'], later)} (then changed)"
+            f"{_changed_options(session['train'], later)}"
         )
     if summary.get("note"):
         lines.append(f"note:             {summary['note']}")
