@@ -6,7 +6,9 @@
 #   2. preprocessing by the suite (2D slices for unet2d, 3D blocks for unet3d), 128x128;
 #   3. train.train on $RANKS Horovod ranks (mpirun), the same path as the cluster jobs, for at
 #      most $TIME_LIMIT seconds per call; a second call continues with --resume;
-#   4. train.evaluate on the held-out test cases -> model_weights/MODEL/evaluation/.
+#   4. (unet3d) train.select_checkpoint: the kept epochs, best and latest scored on whole
+#      validation volumes, the highest installed as best.weights.h5;
+#   5. train.evaluate on the held-out test cases -> model_weights/MODEL/evaluation/.
 #
 # Environment (defaults in brackets):
 #   MODEL [unet2d]        unet2d or unet3d
@@ -31,6 +33,10 @@
 #                         runs learned kidney or tumor, rarely both
 #   TUMOR_FACTOR [1]      tumor samples per epoch (above 1, the 2D run lost the kidney)
 #   BN_MOMENTUM [0.9]     BatchNormalization statistics that follow a run of a few thousand steps
+#   KEEP_EVERY [3]        keep every k-th epoch's weights (checkpoints/epochs/) for step 4
+#   SELECT [unet3d 1, unet2d 0]  choose the best weights on whole validation volumes (the
+#                         per-batch validation JC_w favours 3D models that mark no tumor;
+#                         2D batches nearly always hold tumor)
 #   EXTRA_TRAIN_ARGS      more train.train options
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,9 +54,11 @@ EPOCHS="${EPOCHS:-100}"
 RUN="${RUN:-$ROOT/model_weights/$MODEL}"
 case "$MODEL" in
     unet2d) KIND=downsample DATA="$WORK/slices128" BATCH="${BATCH:-16}" LR="${LR:-4e-4}"
-        MAX_STEPS="${MAX_STEPS:-100}" MODEL_OPTIONS="${MODEL_OPTIONS-base_filters=16}" ;;
+        MAX_STEPS="${MAX_STEPS:-100}" MODEL_OPTIONS="${MODEL_OPTIONS-base_filters=16}"
+        SELECT="${SELECT:-0}" ;;
     unet3d) KIND=blocks DATA="$WORK/blocks32" BATCH="${BATCH:-1}" LR="${LR:-3e-4}"
-        MAX_STEPS="${MAX_STEPS:-60}" MODEL_OPTIONS="${MODEL_OPTIONS-base_filters=12}" ;;
+        MAX_STEPS="${MAX_STEPS:-60}" MODEL_OPTIONS="${MODEL_OPTIONS-base_filters=12}"
+        SELECT="${SELECT:-1}" ;;
     *) echo "error: MODEL must be unet2d or unet3d, not '$MODEL'" >&2; exit 2 ;;
 esac
 [[ -d "$LABELS" ]] || { echo "error: label maps folder $LABELS not found (set LABELS)" >&2; exit 2; }
@@ -74,17 +82,17 @@ PYEOF
 )
 echo "cases: train $TRAIN; validation $VAL; test (held out) $TEST"
 
-say "1/4 synthetic CT around the label maps -> $WORK/kits"
+say "1/5 synthetic CT around the label maps -> $WORK/kits"
 "${MPIRUN[@]}" "$PY" -m preprocess.synthetic --labels "$LABELS" --cases "$TRAIN,$VAL,$TEST" \
     --out "$WORK/kits" --seed 0
 
-say "2/4 preprocessing ($KIND, 128x128, $RANKS shards) -> $DATA"
+say "2/5 preprocessing ($KIND, 128x128, $RANKS shards) -> $DATA"
 "${MPIRUN[@]}" "$PY" -m preprocess."$KIND" --kits "$WORK/kits" --out "$DATA" --shards "$RANKS" \
     --cases "$TRAIN,$VAL,$TEST" --train-cases "$TRAIN" --val-cases "$VAL" --test-cases "$TEST" \
     --keep-empty "${KEEP_EMPTY:-0.3}"
 "$PY" -m preprocess.verify "$DATA"
 
-say "3/4 training $MODEL on $RANKS ranks for at most ${TIME_LIMIT}s -> $RUN"
+say "3/5 training $MODEL on $RANKS ranks for at most ${TIME_LIMIT}s -> $RUN"
 RESUME=()
 [[ -f "$RUN/checkpoints/latest.json" ]] && RESUME=(--resume)
 OPTIONS=()
@@ -98,10 +106,16 @@ made by scripts/train_weights.sh"
 "${MPIRUN[@]}" "$PY" -m train.train --model "$MODEL" --data "$DATA" --out "$RUN" \
     --epochs "$EPOCHS" --batch-size "$BATCH" --lr "$LR" --warmup-epochs "${WARMUP:-1}" \
     --max-steps "$MAX_STEPS" --threads 1 --checkpoint-every 1 --time-limit "$TIME_LIMIT" \
+    --keep-every "${KEEP_EVERY:-3}" \
     --loss "${LOSS:-dice_ce}" --tumor-factor "${TUMOR_FACTOR:-1}" \
     --bn-momentum "${BN_MOMENTUM:-0.9}" "${OPTIONS[@]}" "${RESUME[@]}" ${EXTRA_TRAIN_ARGS:-}
 
-say "4/4 evaluation on the held-out cases $TEST -> $RUN/evaluation"
+if [[ "$SELECT" == 1 ]]; then
+    say "4/5 best weights chosen on the whole validation volumes $VAL"
+    "$PY" -m train.select_checkpoint --run "$RUN" --kits "$WORK/kits" --cases "$VAL" --postprocess
+fi
+
+say "5/5 evaluation on the held-out cases $TEST -> $RUN/evaluation"
 "$PY" -m train.evaluate --run "$RUN" --kits "$WORK/kits" --cases "$TEST" --data "$DATA" \
     --out "$RUN/evaluation" --postprocess --no-progress
 cat "$RUN/evaluation/results.md"

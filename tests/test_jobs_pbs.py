@@ -116,6 +116,7 @@ def test_pbs_directives_follow_metacentrum_pbs_pro_syntax(template):
 def test_job_scripts_are_valid_bash_and_shellcheck_clean():
     scripts = sorted(JOBS.glob("*.pbs")) + sorted(JOBS.glob("*.slurm")) + [
         JOBS / "common.sh", JOBS / "chain.sh", ROOT / "containers" / "build.sh",
+        *sorted((ROOT / "scripts").glob("*.sh")),
     ]  # fmt: skip
     for script in scripts:
         proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)

@@ -228,7 +228,7 @@ def test_resume_after_kill_continues_with_optimizer_state(tiny_dataset, tmp_path
     assert len(_history(run_dir)) >= killed_at
 
     # the resumed session changes a training option: config.json keeps the earlier one's
-    resumed = _train(MPIRUN, *args, "--resume", "--plateau-factor", "0.5")
+    resumed = _train(MPIRUN, *args, "--resume", "--plateau-factor", "0.5", "--keep-every", "2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     match = re.search(
         r"resuming .* at epoch (\d+) \(optimizer iterations (\d+), optimizer "
@@ -245,6 +245,12 @@ def test_resume_after_kill_continues_with_optimizer_state(tiny_dataset, tmp_path
     assert final["optimizer_iterations"] == 6 * steps  # the step counter carried over
     epochs = [int(row["epoch"]) for row in _history(run_dir)]
     assert epochs[-(6 - killed_at) :] == list(range(killed_at, 6))
+    # --keep-every 2 kept the even epochs of the resumed session (for train.select_checkpoint)
+    kept = sorted(p.name for p in (run_dir / "checkpoints" / "epochs").iterdir())
+    assert kept == [f"epoch_{e:04d}.weights.h5" for e in range(killed_at + 1, 7) if e % 2 == 0]
+    assert (run_dir / "checkpoints" / "epochs" / "epoch_0006.weights.h5").read_bytes() == (
+        run_dir / "checkpoints" / "latest.weights.h5"
+    ).read_bytes()
 
     config = json.loads((run_dir / "config.json").read_text())
     assert config["train"]["plateau_factor"] == 0.5 and config["train"]["resume"]

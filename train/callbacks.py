@@ -33,9 +33,11 @@ class CheckpointCallback(keras.callbacks.Callback):
         best: dict[str, Any] | None = None,
         seconds_before: float = 0.0,
         session: int = 1,
+        keep_every: int = 0,
     ) -> None:
         super().__init__()
         self.run_dir = run_dir
+        self.keep_every = keep_every
         # Training time and session count go into every checkpoint, so that a session killed
         # at its walltime (the usual end of a cluster job) still counts in the run's record.
         self.seconds_before = seconds_before
@@ -96,6 +98,7 @@ class CheckpointCallback(keras.callbacks.Callback):
                 "train_seconds": self.seconds_before + time.perf_counter() - self.t0,
                 "sessions": self.session,
             },
+            keep_every=self.keep_every,
         )
         self.last_saved = epoch
 

@@ -8,7 +8,10 @@ Layout in ``RUN_DIR/checkpoints/``:
   it names them and records the epoch, learning rate, callback states and the optimizer state's
   digest; older epoch files are removed after it is written;
 - ``latest.weights.h5``: a copy of the latest weights under a stable name, for users;
-- ``best.weights.h5`` and ``best.json``: the best epoch by the monitored metric.
+- ``best.weights.h5`` and ``best.json``: the best epoch by the monitored metric (or, after
+  ``train.select_checkpoint``, by the whole validation volumes);
+- ``epochs/epoch_NNNN.weights.h5``: with ``--keep-every K``, the weights of every K-th epoch,
+  kept (hard links, no extra space while the epoch is also the latest).
 
 Only rank 0 writes and reads these; the other ranks receive the state by broadcast, so a
 multi-node job whose nodes do not share the run folder resumes correctly.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +64,27 @@ def build_optimizer(model: Any) -> None:
     inner.build(model.trainable_variables)
 
 
-def save_latest(model: Any, run_dir: Path, epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
-    """Write the checkpoint of a finished ``epoch`` (0-based) and return its record."""
+def _link_atomic(source: Path, target: Path) -> None:
+    """``target`` becomes a hard link to ``source`` (a copy where links are not supported)."""
+    tmp = _tmp(target)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_latest(
+    model: Any, run_dir: Path, epoch: int, extra: dict[str, Any], keep_every: int = 0
+) -> dict[str, Any]:
+    """Write the checkpoint of a finished ``epoch`` (0-based) and return its record.
+
+    With ``keep_every`` k > 0, an epoch divisible by k also keeps its weights in
+    ``checkpoints/epochs/`` after later checkpoints supersede it.
+    """
     ckpt = run_dir / "checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)
     stem = f"epoch_{epoch + 1:04d}"
@@ -86,12 +109,10 @@ def save_latest(model: Any, run_dir: Path, epoch: int, extra: dict[str, Any]) ->
     }
     write_json_atomic(record, ckpt / "latest.json")
     # the stable-name copy for users, then drop superseded epoch files
-    link_tmp = _tmp(ckpt / "latest.weights.h5")
-    try:
-        os.link(weights, link_tmp)
-        os.replace(link_tmp, ckpt / "latest.weights.h5")
-    finally:
-        link_tmp.unlink(missing_ok=True)
+    _link_atomic(weights, ckpt / "latest.weights.h5")
+    if keep_every > 0 and (epoch + 1) % keep_every == 0:
+        (ckpt / "epochs").mkdir(exist_ok=True)
+        _link_atomic(weights, ckpt / "epochs" / weights.name)
     for old in ckpt.glob("epoch_*"):
         if not old.name.startswith(stem):
             old.unlink(missing_ok=True)

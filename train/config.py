@@ -41,6 +41,7 @@ class TrainConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     augment: bool = True
     checkpoint_every: int = 6
+    keep_every: int = 0  # also keep every k-th epoch's weights (checkpoints/epochs/); 0: none
     seed: int = 42
     amp: bool = False
     xla: bool = False
@@ -194,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=6,
         help="save the latest checkpoint every k epochs (and at the end)",
+    )
+    p.add_argument(
+        "--keep-every",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also keep the weights of every K-th epoch (of those checkpointed) in "
+        "checkpoints/epochs/, for choosing among them on whole validation volumes with "
+        "train.select_checkpoint (0: keep only the latest and the best)",
     )
     p.add_argument("--seed", type=int, default=42, help="seeds are seed + rank")
     p.add_argument("--amp", action="store_true", help="mixed precision (float16, loss scaling)")

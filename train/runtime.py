@@ -110,8 +110,8 @@ def write_run_config(run_dir: Path, config: dict[str, Any]) -> None:
     write_json_atomic(config, run_dir / "config.json")
 
 
-def check_resume_compatible(run_dir: Path, config: dict[str, Any]) -> None:
-    """A resumed run must train the same model on the same data."""
+def check_resume_compatible(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """A resumed run must train the same model on the same data; returns the run's config."""
     path = run_dir / "config.json"
     if not path.is_file():
         raise RunError(f"--resume: {path} not found (nothing to resume)")
@@ -126,19 +126,21 @@ def check_resume_compatible(run_dir: Path, config: dict[str, Any]) -> None:
         raise RunError(
             f"--resume: {run_dir} was trained on a different dataset (manifest checksum differs)"
         )
+    return old
 
 
 def record_resumed_session(
-    run_dir: Path, config: dict[str, Any], resumed_at_epoch: int
+    old: dict[str, Any], config: dict[str, Any], resumed_at_epoch: int
 ) -> dict[str, Any]:
     """``config`` for a resumed session, keeping the training options of the sessions before.
 
     A resumed session may change training options (loss, tumor factor, patience, ...), not the
     model or the data (:func:`check_resume_compatible`). config.json then describes the latest
     session, and ``earlier_sessions`` lists each earlier one's options with the number of
-    epochs done when it ended, so the run's whole recipe stays on record.
+    epochs done when it ended, so the run's whole recipe stays on record. ``old`` is the run's
+    config.json as :func:`check_resume_compatible` read it (read once: the file is rewritten
+    right after).
     """
-    old = json.loads((run_dir / "config.json").read_text())
     earlier = [
         *old.get("earlier_sessions", []),
         {"epochs_done": resumed_at_epoch, "train": old["train"]},
@@ -148,7 +150,9 @@ def record_resumed_session(
 
 def _changed_options(before: dict[str, Any], after: dict[str, Any]) -> str:
     """The options of ``before`` that ``after`` changed, or "the same options"."""
+    # what does not change what is learned (when and how much is saved, logged or run)
     ignore = {"resume", "time_limit", "stop_at", "out", "data", "verbose"}
+    ignore |= {"checkpoint_every", "keep_every", "record_samples", "check_sha256"}
     keys = sorted(k for k in before.keys() | after.keys() if k not in ignore)
     changed = [f"{k} {before.get(k)!r}" for k in keys if before.get(k) != after.get(k)]
     return f"{', '.join(changed)} (then changed)" if changed else "the same options"
@@ -193,8 +197,9 @@ def basic_info(config: dict[str, Any], summary: dict[str, Any]) -> str:
             if summary.get("stopped_epoch")
             else ""
         ),
-        f"best:             {t['monitor']} = {summary.get('best_value')} at epoch "
-        f"{summary.get('best_epoch')}",
+        f"best:             {summary.get('best_monitor') or t['monitor']} = "
+        f"{summary.get('best_value')} at epoch {summary.get('best_epoch')}"
+        + (f" ({summary['best_selected_by']})" if summary.get("best_selected_by") else ""),
         f"training time:    {summary.get('train_seconds', 0):.0f} s"
         + (
             f" over {summary['sessions']} sessions (resumed)"

@@ -195,9 +195,9 @@ def run(cfg: Any) -> int:
     if rank == 0:
         try:
             if cfg.resume:
-                check_resume_compatible(run_dir, config)
+                old_config = check_resume_compatible(run_dir, config)
                 resumed = checkpoint.load_latest(model, run_dir)
-                config = record_resumed_session(run_dir, config, resumed["epoch"])
+                config = record_resumed_session(old_config, config, resumed["epoch"])
             write_run_config(run_dir, config)
         except (RunError, ValueError, OSError) as exc:
             error = str(exc)
@@ -287,6 +287,7 @@ def run(cfg: Any) -> int:
             resumed.get("best") if resumed else None,
             seconds_before=seconds_before,
             session=sessions_before + 1,
+            keep_every=cfg.keep_every,
         )
         progress = cbs.ProgressLog(
             log, feed.train.steps_per_epoch * cfg.batch_size * size, cfg.epochs
