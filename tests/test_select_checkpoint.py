@@ -81,6 +81,17 @@ def test_chooses_on_validation_volumes_and_installs_the_winner(run_and_kits, cap
     assert "at epoch 3 (train.select_checkpoint on whole validation volumes" in info
     assert "chosen:" in capsys.readouterr().out
 
+    # a second run (after more training, say) scores only what it has not scored before
+    _constant_weights(ckpt / "epochs" / "epoch_0009.weights.h5", 1)
+    assert select_checkpoint.main(["--run", str(run), "--kits", str(kits), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # best.weights.h5 is now epoch 3: the old best (epoch 5) is no longer a candidate
+    assert out.count("scored before") == 2 and "epoch_0009.weights.h5 (epoch 9)\n" in out
+    again = json.loads((run / "selection.json").read_text())
+    rescored = {c["epoch"]: c["kits_score"] for c in again["candidates"]}
+    assert rescored == {3: scores[3], 7: scores[7], 9: scores[7]}  # 9 is the same model as 7
+    assert again["chosen"]["epoch"] == 3
+
 
 def test_dry_run_installs_nothing(run_and_kits):
     run, kits = run_and_kits

@@ -16,6 +16,9 @@ K``: ``checkpoints/epochs/epoch_NNNN.weights.h5``) with its current ``best.weigh
 ``latest.weights.h5``. Cases: ``--cases``, else the validation split recorded in config.json.
 The run's test cases are refused: choosing on them would leak into the result reported on them.
 
+Scores are remembered in ``selection.json`` by the weights file's SHA-256: run again after
+more training (or with ``--dry-run`` while it trains), only new candidates are scored.
+
 Writes ``RUN_DIR/selection.json`` (every candidate's scores) and, unless ``--dry-run``,
 ``checkpoints/best.weights.h5`` (a copy of the winner), ``best.json``, the ``best_*`` fields of
 ``summary.json`` and ``basic_info.txt``, each atomically. A later ``train.train --resume`` goes
@@ -27,6 +30,7 @@ Exit codes: 0 done; 2 bad input (named in the message); 1 other.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -49,6 +53,7 @@ from train.inference import (
 from train.runtime import basic_info
 
 MONITOR = "val_volumes_kits_score"
+SCORES = ("kidney_dice_mean", "tumor_dice_mean", "kits_score")
 _EPOCH_IN_NAME = re.compile(r"epoch_(\d+)")
 
 
@@ -104,6 +109,22 @@ def choose_cases(args: argparse.Namespace, config: dict[str, Any]) -> list[int]:
             "or the test result is no longer held out"
         )
     return cases
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def earlier_scores(run_dir: Path, cases: list[str], postprocess: Any) -> dict[str, dict]:
+    """Candidates scored by an earlier selection on the same cases and post-processing."""
+    earlier = _read_json(run_dir / "selection.json")
+    if not earlier or earlier.get("cases") != cases or earlier.get("postprocess") != postprocess:
+        return {}
+    return {c["sha256"]: c for c in earlier.get("candidates", []) if c.get("sha256")}
 
 
 def _copy_atomic(source: Path, target: Path) -> None:
@@ -206,32 +227,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     class_weights, _ = class_weights_for(config, None, int(config.get("n_classes", 3)))
     postprocess = args.components if args.postprocess else None
 
-    loaded = instantiate(config, candidates[0][0], config_path)
+    case_names = [f"case_{c:05d}" for c in cases]
+    postprocess_record = {"keep_largest_components": postprocess} if postprocess else None
+    known = earlier_scores(run_dir, case_names, postprocess_record)
+
+    loaded = None
     scored: list[dict[str, Any]] = []
     for i, (path, epoch) in enumerate(candidates):
-        if i:
-            load_weights(loaded.model, path, loaded.name)
-        print(f"[{i + 1}/{len(candidates)}] {path} (epoch {epoch})", flush=True)
-        summary, _ = evaluate_volumes(
-            loaded, Path(args.kits), cases, class_weights, args.batch_size, postprocess=postprocess
-        )
-        scored.append(
-            {
-                "weights": str(path),
-                "epoch": epoch,
-                "kidney_dice_mean": summary["kidney_dice_mean"],
-                "tumor_dice_mean": summary["tumor_dice_mean"],
-                "kits_score": summary["kits_score"],
-            }
-        )
+        sha256 = file_sha256(path)
+        head = f"[{i + 1}/{len(candidates)}] {path} (epoch {epoch})"
+        scores = {k: known[sha256][k] for k in SCORES} if sha256 in known else None
+        if scores is not None:
+            print(f"{head}: scored before, KiTS score {scores['kits_score']:.4f}", flush=True)
+        else:
+            print(head, flush=True)
+            if loaded is None:
+                loaded = instantiate(config, path, config_path)
+            else:
+                load_weights(loaded.model, path, loaded.name)
+            summary, _ = evaluate_volumes(
+                loaded,
+                Path(args.kits),
+                cases,
+                class_weights,
+                args.batch_size,
+                postprocess=postprocess,
+            )
+            scores = {k: summary[k] for k in SCORES}
+        scored.append({"weights": str(path), "epoch": epoch, "sha256": sha256, **scores})
     # ties go to the later epoch (more training, same validation score)
     chosen = max(scored, key=lambda c: (c["kits_score"], c["epoch"] or 0))
     selection = {
         "monitor": MONITOR,
         "rule": "highest mean of kidney+tumor Dice and tumor Dice over the validation volumes",
-        "cases": [f"case_{c:05d}" for c in cases],
+        "cases": case_names,
         "cases_text": args.cases or "(config.json validation split)",
-        "postprocess": {"keep_largest_components": postprocess} if postprocess else None,
+        "postprocess": postprocess_record,
         "candidates": scored,
         "chosen": chosen,
         "installed": not args.dry_run,
