@@ -64,7 +64,7 @@ def build_optimizer(model: Any) -> None:
     inner.build(model.trainable_variables)
 
 
-def _link_atomic(source: Path, target: Path) -> None:
+def link_atomic(source: Path, target: Path) -> None:
     """``target`` becomes a hard link to ``source`` (a copy where links are not supported)."""
     tmp = _tmp(target)
     try:
@@ -109,10 +109,10 @@ def save_latest(
     }
     write_json_atomic(record, ckpt / "latest.json")
     # the stable-name copy for users, then drop superseded epoch files
-    _link_atomic(weights, ckpt / "latest.weights.h5")
+    link_atomic(weights, ckpt / "latest.weights.h5")
     if keep_every > 0 and (epoch + 1) % keep_every == 0:
         (ckpt / "epochs").mkdir(exist_ok=True)
-        _link_atomic(weights, ckpt / "epochs" / weights.name)
+        link_atomic(weights, ckpt / "epochs" / weights.name)
     for old in ckpt.glob("epoch_*"):
         if not old.name.startswith(stem):
             old.unlink(missing_ok=True)

@@ -20,9 +20,9 @@ Scores are remembered in ``selection.json`` by the weights file's SHA-256: run a
 more training (or with ``--dry-run`` while it trains), only new candidates are scored.
 
 Writes ``RUN_DIR/selection.json`` (every candidate's scores) and, unless ``--dry-run``,
-``checkpoints/best.weights.h5`` (a copy of the winner), ``best.json``, the ``best_*`` fields of
-``summary.json`` and ``basic_info.txt``, each atomically. A later ``train.train --resume`` goes
-back to choosing by its ``--monitor``; run this again after it.
+``checkpoints/best.weights.h5`` (the winner, hard-linked or copied), ``best.json``, the
+``best_*`` fields of ``summary.json`` and ``basic_info.txt``, each atomically. A later
+``train.train --resume`` goes back to choosing by its ``--monitor``; run this again after it.
 
 Exit codes: 0 done; 2 bad input (named in the message); 1 other.
 """
@@ -30,18 +30,16 @@ Exit codes: 0 done; 2 bad input (named in the message); 1 other.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from preprocess.dataset_format import DatasetError, write_json_atomic
+from preprocess.dataset_format import DatasetError, sha256_file, write_json_atomic
 from preprocess.kits import CaseError, list_cases, parse_case_list
+from train.checkpoint import link_atomic
 from train.evaluate import class_weights_for, evaluate_volumes, write_text_atomic
 from train.inference import (
     InferenceError,
@@ -67,11 +65,10 @@ def default_candidates(run_dir: Path) -> list[tuple[Path, int | None]]:
     found: dict[int | None, Path] = {}
     for path in sorted((ckpt / "epochs").glob("epoch_*.weights.h5")):
         found[candidate_epoch(path, run_dir)] = path
-    for name, record in (("best", "best.json"), ("latest", "latest.json")):
+    for name in ("best", "latest"):
         path = ckpt / f"{name}.weights.h5"
-        if path.is_file():
-            epoch = (_read_json(ckpt / record) or {}).get("epoch")
-            found.setdefault(epoch, path)  # an epoch already kept is not scored twice
+        if path.is_file():  # an epoch already kept is not scored twice
+            found.setdefault(candidate_epoch(path, run_dir), path)
     ordered = sorted(found.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
     return [(path, epoch) for epoch, path in ordered]
 
@@ -111,14 +108,6 @@ def choose_cases(args: argparse.Namespace, config: dict[str, Any]) -> list[int]:
     return cases
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def earlier_scores(run_dir: Path, cases: list[str], postprocess: Any) -> dict[str, dict]:
     """Candidates scored by an earlier selection on the same cases and post-processing."""
     earlier = _read_json(run_dir / "selection.json")
@@ -127,22 +116,13 @@ def earlier_scores(run_dir: Path, cases: list[str], postprocess: Any) -> dict[st
     return {c["sha256"]: c for c in earlier.get("candidates", []) if c.get("sha256")}
 
 
-def _copy_atomic(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def install_best(run_dir: Path, chosen: dict[str, Any], selection: dict[str, Any]) -> None:
     """The chosen weights become ``best.weights.h5``; best.json, summary and basic_info say so."""
     ckpt = run_dir / "checkpoints"
     best = ckpt / "best.weights.h5"
     source = Path(chosen["weights"])
     if source.resolve() != best.resolve():
-        _copy_atomic(source, best)
+        link_atomic(source, best)
     replaced = _read_json(ckpt / "best.json")
     write_json_atomic(
         {
@@ -234,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loaded = None
     scored: list[dict[str, Any]] = []
     for i, (path, epoch) in enumerate(candidates):
-        sha256 = file_sha256(path)
+        sha256 = sha256_file(path)
         head = f"[{i + 1}/{len(candidates)}] {path} (epoch {epoch})"
         scores = {k: known[sha256][k] for k in SCORES} if sha256 in known else None
         if scores is not None:
