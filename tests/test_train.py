@@ -222,6 +222,15 @@ def test_resume_after_kill_continues_with_optimizer_state(tiny_dataset, tmp_path
     assert proc.poll() is None, "training ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # the job hits its walltime
     proc.wait(timeout=60)
+    # OpenMPI starts the ranks in process groups of their own: they die when they notice that
+    # mpirun is gone, and a rank may still finish a checkpoint meanwhile. Read what survived
+    # once none of them runs (under load, reading earlier missed a checkpoint written later).
+    deadline = time.time() + 60
+    pgrep = ["pgrep", "-f", "--", f"--out {run_dir}"]
+    while (found := subprocess.run(pgrep, capture_output=True)).returncode == 0:
+        assert time.time() < deadline, "ranks still running a minute after the kill"
+        time.sleep(0.2)
+    assert found.returncode == 1, found.stderr  # 1: no such process (2 would be a pgrep error)
     record = json.loads(latest.read_text())  # what survived the kill
     killed_at = record["epoch"]
     assert 2 <= killed_at < 6
