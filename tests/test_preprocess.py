@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import time
+import zlib
 from pathlib import Path
 
 import h5py
@@ -405,6 +408,37 @@ def test_help_explains_options():
 def test_balanced_weights_formula():
     np.testing.assert_allclose(balanced_class_weights([90, 9, 1]), [100 / 270, 100 / 27, 100 / 3])
     assert json.dumps(balanced_class_weights([5, 0, 5]))  # absent class -> 0, still serialisable
+
+
+def test_read_decompressed_streams_every_member_and_checks_integrity(monkeypatch):
+    from preprocess import kits
+
+    monkeypatch.setattr(kits, "READ_CHUNK", 4096)  # many chunks, members across their edges
+    rng = np.random.default_rng(2)
+    big = rng.integers(0, 40, 300_000).astype(np.uint8).tobytes()  # compressible, many chunks
+    small = rng.bytes(5000)
+
+    def read(raw: bytes) -> bytes:
+        hasher = hashlib.sha256()
+        got = kits.read_decompressed(io.BytesIO(raw), hasher)
+        assert got.readonly
+        assert hasher.hexdigest() == hashlib.sha256(raw).hexdigest()  # of the file as stored
+        return bytes(got)
+
+    assert read(gzip.compress(big)) == big
+    assert read(big) == big  # not gzipped: as it is
+    # concatenated members (as `cat a.gz b.gz` makes) and zero padding after the last one; the
+    # last member's size in the trailer is smaller than the whole, so the buffer grows
+    assert read(gzip.compress(big) + gzip.compress(small) + b"\0" * 5000) == big + small
+    assert read(gzip.compress(b"") + gzip.compress(small)) == small
+    with pytest.raises(ValueError, match="truncated"):
+        read(gzip.compress(big)[:-5])
+    corrupt = bytearray(gzip.compress(big))
+    corrupt[-8] ^= 1  # CRC of the data
+    with pytest.raises(zlib.error):
+        read(bytes(corrupt))
+    with pytest.raises(zlib.error):
+        read(gzip.compress(big) + b"junk after the member")
 
 
 @pytest.mark.parametrize("name", ["vol.nii.gz", "vol.nii"])
