@@ -2,10 +2,10 @@
 
 KiTS19 folder -> dataset folder in three phases, each restartable:
 
-1. per case (ranks split the cases, largest first): load and validate, window the HU values,
-   resize slices and masks to ``image_size``, drop slices with no kidney and no tumor, cut 3D
-   blocks; the result goes to ``OUT/.work/cases/`` (written atomically; a complete case is
-   skipped on a re-run);
+1. per case (each rank takes the next unclaimed case, largest first): load and validate, window
+   the HU values, resize slices and masks to ``image_size``, drop slices with no kidney and no
+   tumor, cut 3D blocks; the result goes to ``OUT/.work/cases/`` (written atomically; a
+   complete case is skipped on a re-run);
 2. shards (ranks split the shards): every split's samples are put in a seeded order, padded to
    a multiple of the shard count and written as equal-size HDF5 shards (temp name + rename; a
    shard whose recorded checksum still matches is skipped on a re-run);
@@ -24,6 +24,8 @@ import os
 import shutil
 import sys
 import time
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,16 +50,27 @@ from preprocess.kits import (
     IMAGING,
     SEGMENTATION,
     CaseError,
+    VolumeColumns,
     case_name,
     list_cases,
     load_case,
     parse_case_list,
+    spacing_from_affine,
 )
 from preprocess.mpi_utils import Comm, get_comm
-from preprocess.resize import MASK_METHODS, resize_masks, window_and_resize
+from preprocess.resize import (
+    MASK_METHODS,
+    ColumnResizer,
+    integer_factors,
+    resize_masks,
+    window_and_resize,
+)
 from preprocess.splits import DEFAULT_RATIO, SPLIT_MODES, make_split
 
 WORK = ".work"
+# Columns of a CT read at a time when streaming a case (rounded to whole blocks): 16 columns of
+# an 834-slice KiTS19 case are 14 MB, and a group of 4 makes one output column.
+STREAM_COLUMNS = 16
 
 
 @dataclass
@@ -163,26 +176,109 @@ def block_starts(first: int, last: int, n_slices: int, depth: int, overlap: int)
     return starts
 
 
-def process_case(cfg: PreprocessConfig, case_id: int) -> dict[str, Any]:
-    """Load one case and turn it into samples: returns arrays and per-sample metadata."""
+@dataclass
+class ResizedSpan:
+    """Slices ``lo:hi`` of a case, windowed and resized, and what the selection needs."""
+
+    n_slices: int
+    shape: tuple[int, ...]
+    spacing: tuple[float, float, float]
+    sha256: dict[str, str]
+    lo: int
+    hi: int
+    images: np.ndarray  # (hi - lo, size, size) uint8
+    masks: np.ndarray  # (hi - lo, size, size) uint8 labels
+
+
+# A function from a case's per-slice foreground to the span of slices (lo, hi) to resize.
+SpanOf = Callable[[np.ndarray], tuple[int, int]]
+
+
+def _resize_in_memory(cfg: PreprocessConfig, case_id: int, span_of: SpanOf) -> ResizedSpan:
+    """Load the whole case, then resize the span: any input, any size, any mask method."""
     case = load_case(cfg.kits_dir, case_id)
     seg = case.segmentation
     assert seg is not None
-    n_slices = seg.shape[0]
     # axis=(1, 2), not a reshape: nibabel's arrays are Fortran-ordered and a reshape would copy
-    foreground = (seg > 0).any(axis=(1, 2))
-    # one draw per slice (or block start), seeded by the case: the same on any number of ranks
-    keep_draw = np.random.default_rng([cfg.shuffle_seed, case_id]).random(n_slices)
-    if cfg.kind == "slices":
-        keep = np.flatnonzero(foreground | (keep_draw < cfg.keep_empty))
-        # Resize the span of kept slices as a view (no gather of a full-resolution copy), then
-        # pick the kept ones at the small size; the span rarely holds more than a few others.
-        lo, hi = (int(keep[0]), int(keep[-1]) + 1) if len(keep) else (0, 0)
-        span = case.imaging[lo:hi]
-        images = window_and_resize(span, cfg.hu_min, cfg.hu_max, cfg.image_size)[keep - lo]
-        masks = resize_masks(seg[lo:hi], cfg.image_size, cfg.mask_method)[keep - lo]
-        slice_index = keep.astype(np.int32)
-    else:
+    lo, hi = span_of((seg > 0).any(axis=(1, 2)))
+    return ResizedSpan(
+        n_slices=seg.shape[0],
+        shape=seg.shape,
+        spacing=case.spacing,
+        sha256=case.sha256,
+        lo=lo,
+        hi=hi,
+        # a view of the span is resized (no gather of a full-resolution copy)
+        images=window_and_resize(case.imaging[lo:hi], cfg.hu_min, cfg.hu_max, cfg.image_size),
+        masks=resize_masks(seg[lo:hi], cfg.image_size, cfg.mask_method),
+    )
+
+
+def _resize_streamed(cfg: PreprocessConfig, case_id: int, span_of: SpanOf) -> ResizedSpan | None:
+    """The same result as :func:`_resize_in_memory`, reading each file a few columns at a time.
+
+    A rank then holds a few columns instead of the whole CT and label map (peak memory for a
+    KiTS19 case of 834 slices 207 MB instead of 973 MB), and fresh memory faulted in at once
+    is what two ranks on one machine slowed each other down with (bench.preprocess). For the
+    usual input only: integer voxels, unscaled, shrunk by whole factors (512 -> 128),
+    ``area_rescue`` masks; None otherwise, and the caller loads the case whole.
+    """
+    if cfg.mask_method != "area_rescue":
+        return None
+    name = case_name(case_id)
+    folder = Path(cfg.kits_dir) / name
+    with (
+        VolumeColumns(folder / SEGMENTATION, name, STREAM_COLUMNS) as labels,
+        VolumeColumns(folder / IMAGING, name, STREAM_COLUMNS) as imaging,
+    ):
+        shape = imaging.header.shape
+        if (
+            len(shape) != 3
+            or labels.header.shape != shape
+            or any(h.scaled or h.dtype.kind not in "iu" for h in (labels.header, imaging.header))
+            or integer_factors(shape[1], shape[2], cfg.image_size) is None
+        ):
+            return None  # the in-memory path says what is wrong, or handles it
+        resizer = ColumnResizer(shape[0], shape[1], shape[2], cfg.image_size)
+        # the chunks must hold whole blocks of columns
+        labels.columns = imaging.columns = resizer.fx * max(1, STREAM_COLUMNS // resizer.fx)
+        for first, chunk in labels:
+            resizer.add_labels(first, chunk)
+        if resizer.bad_labels:
+            bad = sorted(resizer.bad_labels)[:10]
+            where = f"{name} ({folder / SEGMENTATION})"
+            raise CaseError(f"{where}: labels outside {{0,1,2}}: {bad}")
+        lo, hi = span_of(resizer.foreground)
+        resizer.start_images(lo, hi)
+        for first, chunk in imaging:
+            resizer.add_images(first, chunk, cfg.hu_min, cfg.hu_max)
+        assert labels.sha256 is not None and imaging.sha256 is not None
+        return ResizedSpan(
+            n_slices=shape[0],
+            shape=shape,
+            spacing=spacing_from_affine(imaging.header.affine),
+            sha256={IMAGING: imaging.sha256, SEGMENTATION: labels.sha256},
+            lo=lo,
+            hi=hi,
+            images=resizer.images(),
+            masks=resizer.masks(lo, hi),
+        )
+
+
+def process_case(cfg: PreprocessConfig, case_id: int) -> dict[str, Any]:
+    """Load one case and turn it into samples: returns arrays and per-sample metadata."""
+    chosen: dict[str, Any] = {}
+
+    def span_of(foreground: np.ndarray) -> tuple[int, int]:
+        n_slices = len(foreground)
+        # one draw per slice (or block start), seeded by the case: the same on any number of ranks
+        keep_draw = np.random.default_rng([cfg.shuffle_seed, case_id]).random(n_slices)
+        if cfg.kind == "slices":
+            keep = np.flatnonzero(foreground | (keep_draw < cfg.keep_empty))
+            chosen["keep"] = keep
+            # the span of kept slices is resized, then the kept ones picked at the small size;
+            # the span rarely holds more than a few others
+            return (int(keep[0]), int(keep[-1]) + 1) if len(keep) else (0, 0)
         if cfg.keep_empty > 0:
             first, last = 0, n_slices - 1
         elif foreground.any():
@@ -190,10 +286,11 @@ def process_case(cfg: PreprocessConfig, case_id: int) -> dict[str, Any]:
             first, last = int(fg[0]), int(fg[-1])
         else:
             first = last = -1
-        if first < 0:
-            starts: list[int] = []
-        else:
-            starts = block_starts(first, last, n_slices, cfg.block_depth, cfg.block_overlap)
+        starts = (
+            []
+            if first < 0
+            else block_starts(first, last, n_slices, cfg.block_depth, cfg.block_overlap)
+        )
         depth = cfg.block_depth
         if 0 < cfg.keep_empty < 1:
             # blocks over the whole volume; those without kidney or tumor kept by their draw
@@ -202,19 +299,27 @@ def process_case(cfg: PreprocessConfig, case_id: int) -> dict[str, Any]:
                 for s in starts
                 if foreground[s : s + depth].any() or keep_draw[s] < cfg.keep_empty
             ]
-        if starts:
-            lo, hi = min(starts), min(max(starts) + depth, n_slices)
-            img_all = window_and_resize(case.imaging[lo:hi], cfg.hu_min, cfg.hu_max, cfg.image_size)
-            msk_all = resize_masks(seg[lo:hi], cfg.image_size, cfg.mask_method)
-        size = cfg.image_size
+        chosen["starts"] = starts
+        return (min(starts), min(max(starts) + depth, n_slices)) if starts else (0, 0)
+
+    resized = _resize_streamed(cfg, case_id, span_of) or _resize_in_memory(cfg, case_id, span_of)
+    lo, hi = resized.lo, resized.hi
+    if cfg.kind == "slices":
+        keep = chosen["keep"]
+        images = resized.images[keep - lo]
+        masks = resized.masks[keep - lo]
+        slice_index = keep.astype(np.int32)
+    else:
+        starts = chosen["starts"]
+        size, depth = cfg.image_size, cfg.block_depth
         images = np.zeros((len(starts), depth, size, size), np.uint8)
         masks = np.zeros((len(starts), depth, size, size), np.uint8)
         for b, start in enumerate(starts):
             # volumes thinner than a block are padded at the end with background
             part = slice(start - lo, min(start - lo + depth, hi - lo))
             n = part.stop - part.start
-            images[b, :n] = img_all[part]
-            masks[b, :n] = msk_all[part]
+            images[b, :n] = resized.images[part]
+            masks[b, :n] = resized.masks[part]
         slice_index = np.asarray(starts, np.int32)
     flat = masks.reshape(len(masks), -1) if len(masks) else np.zeros((0, 1), np.uint8)
     counts = np.stack([(flat == c).sum(axis=1) for c in range(N_CLASSES)], axis=1)
@@ -224,11 +329,11 @@ def process_case(cfg: PreprocessConfig, case_id: int) -> dict[str, Any]:
         "slice_index": slice_index,
         "counts": counts.astype(np.int64),
         "source": {
-            "n_slices": int(n_slices),
-            "shape": list(seg.shape),
-            "spacing": [round(s, 6) for s in case.spacing],
-            "imaging_sha256": case.sha256[IMAGING],
-            "segmentation_sha256": case.sha256[SEGMENTATION],
+            "n_slices": int(resized.n_slices),
+            "shape": list(resized.shape),
+            "spacing": [round(s, 6) for s in resized.spacing],
+            "imaging_sha256": resized.sha256[IMAGING],
+            "segmentation_sha256": resized.sha256[SEGMENTATION],
         },
     }
 
@@ -369,15 +474,33 @@ def _check_output_folder(cfg: PreprocessConfig, ident: dict[str, Any]) -> str:
     return "new"
 
 
-def _assign_cases(cases: list[int], sizes: dict[int, int], n_ranks: int) -> list[list[int]]:
-    """Largest-first greedy assignment of cases to ranks, balancing the bytes each one loads."""
-    loads = [0] * n_ranks
-    assigned: list[list[int]] = [[] for _ in range(n_ranks)]
-    for case_id in sorted(cases, key=lambda c: (-sizes[c], c)):
-        r = loads.index(min(loads))
-        assigned[r].append(case_id)
-        loads[r] += sizes[case_id]
-    return assigned
+def largest_first(cases: list[int], sizes: dict[int, int]) -> list[int]:
+    """The order ranks take cases in: largest imaging file first (ties by id), so that the
+    last cases, when one rank may finish before the other, are the small ones."""
+    return sorted(cases, key=lambda c: (-sizes[c], c))
+
+
+STOP = "stop"  # in the claims folder: a rank failed, the others take no new case
+
+
+def claim_cases(order: list[int], claims: Path) -> Iterator[tuple[int, int]]:
+    """(position, case id) of each case in ``order`` that this rank is the first to claim.
+
+    Every rank walks the same order and claims a case by creating a file named after it in
+    ``claims`` (O_EXCL: exactly one rank succeeds, also on a shared filesystem across nodes).
+    A rank takes its next case when it is done with the last, so ranks finish together however
+    long each case takes (a split fixed in advance by file size left one rank idle for up to a
+    second of 7 at the end; bench.preprocess). Stops early once a ``stop`` file appears.
+    """
+    for position, case_id in enumerate(order):
+        if (claims / STOP).exists():
+            return
+        try:
+            fd = os.open(claims / str(case_id), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        yield position, case_id
 
 
 def keep_freed_memory() -> None:
@@ -450,8 +573,14 @@ def run(cfg: PreprocessConfig, comm: Comm | None = None, quiet: bool = False) ->
                 "split_how": how,
                 "ident": ident,
                 "state": state,
-                "assignment": _assign_cases(cases, sizes, comm.size),
+                "order": largest_first(cases, sizes),
+                "sizes": sizes,
             }
+            if state != "complete":
+                # a folder of its own for this run's claims (one of an interrupted run is stale)
+                shutil.rmtree(work / "claims", ignore_errors=True)
+                plan["claims"] = str(work / "claims" / uuid.uuid4().hex)
+                Path(plan["claims"]).mkdir(parents=True)
         except (CaseError, DatasetError, ValueError, OSError) as exc:
             err = str(exc)
     err, plan = comm.bcast((err, plan))
@@ -476,23 +605,28 @@ def run(cfg: PreprocessConfig, comm: Comm | None = None, quiet: bool = False) ->
     )
 
     # --- phase 1: cases ------------------------------------------------------------------
-    mine = plan["assignment"][comm.rank]
+    order, sizes, claims = plan["order"], plan["sizes"], Path(plan["claims"])
+    total_bytes = sum(sizes.values())
+    started_bytes = np.cumsum([sizes[c] for c in order])
     metas: dict[int, dict] = {}
     err = None
     t_cases = time.perf_counter()
-    for k, case_id in enumerate(mine, 1):
+    for position, case_id in claim_cases(order, claims):
         try:
             metas[case_id] = run_case(cfg, case_id, work, ident_hash)
         except (CaseError, OSError, ValueError) as exc:
             err = str(exc) if case_name(case_id) in str(exc) else f"{case_name(case_id)}: {exc}"
+            (claims / STOP).touch()
             break
         if comm.rank == 0:
-            done = k / len(mine)
+            # by bytes: cases come largest first, so counting cases would overstate the rest
+            done = started_bytes[position] / total_bytes
             eta = (time.perf_counter() - t_cases) * (1 - done) / done
             log.info(
-                f"case {case_name(case_id)} ({k}/{len(mine)} on rank 0, "
+                f"case {case_name(case_id)} ({position + 1}/{len(order)} started, "
                 f"{metas[case_id]['n_samples']} samples, eta {eta:.0f}s)"
             )
+    # every case is done by some rank (none skipped unless one failed): all ranks gather them
     errors = comm.any_error(err)
     if errors:
         for e in [err] if err else []:

@@ -173,11 +173,98 @@ def resize_masks(masks: np.ndarray, size: int, method: str = "area_rescue") -> n
         out[fractions[2] > 0.2] = 2
         return out
 
+    return labels_from_fractions(fractions[1], fractions[2])
+
+
+def labels_from_fractions(kidney: np.ndarray, tumor: np.ndarray) -> np.ndarray:
+    """``area_rescue`` labels (S, size, size) from each class's covered fraction per pixel."""
+    fractions = {1: kidney, 2: tumor}
     # Largest covered fraction wins; ties go to the rarer class (tumor, then kidney).
-    background = 1.0 - fractions[1] - fractions[2]
-    scores = np.stack([background, fractions[1] + 1e-6, fractions[2] + 2e-6])
+    background = 1.0 - kidney - tumor
+    scores = np.stack([background, kidney + 1e-6, tumor + 2e-6])
     out = np.argmax(scores, axis=0).astype(np.uint8)
     for label in (2, 1):
         for s in np.flatnonzero((fractions[label] > 0).any(axis=(1, 2))):
             _rescue_lost_components(fractions[label][s], out[s], label)
     return out
+
+
+def integer_factors(height: int, width: int, size: int) -> tuple[int, int] | None:
+    """(rows, columns) shrink factors if (height, width) -> (size, size) is by whole numbers."""
+    if height % size or width % size or height < size or width < size:
+        return None
+    return height // size, width // size
+
+
+class ColumnResizer:
+    """Window and area-resize a volume (S, H, W) that arrives a group of columns at a time.
+
+    For shrinking by whole factors only (``integer_factors``): OpenCV's INTER_AREA then averages
+    each output pixel's own block, so a group of ``fx * k`` columns makes exactly ``k`` output
+    columns and the result is the same, bit for bit, as resizing whole slices with
+    ``window_and_resize`` (tested). ``masks`` counts each class's pixels per block instead, from
+    which the fractions INTER_AREA gives are exact (k / block size).
+    """
+
+    def __init__(self, n_slices: int, height: int, width: int, size: int) -> None:
+        factors = integer_factors(height, width, size)
+        if factors is None:
+            raise ValueError(f"{height}x{width} -> {size}x{size} is not by whole factors")
+        self.fy, self.fx = factors
+        self.size, self.n_slices = size, n_slices
+        self.block = self.fy * self.fx
+        count_type = np.uint8 if self.block <= 255 else np.uint16
+        self.counts = {label: np.zeros((n_slices, size, size), count_type) for label in (1, 2)}
+        self.foreground = np.zeros(n_slices, bool)
+        self.bad_labels: set[int] = set()  # values other than 0, 1, 2 seen
+        self._images: np.ndarray | None = None
+        self._buffer: np.ndarray | None = None
+
+    def add_labels(self, first: int, chunk: np.ndarray) -> None:
+        """Columns ``first:first + n`` of the label volume (S, H, n)."""
+        if chunk.min(initial=0) < 0 or chunk.max(initial=0) > 2:  # min/max: unique would sort
+            self.bad_labels |= set(np.unique(chunk[(chunk < 0) | (chunk > 2)]).tolist())
+        self.foreground |= (chunk > 0).any(axis=(1, 2))
+        n_out = chunk.shape[2] // self.fx
+        at = first // self.fx
+        for label, counts in self.counts.items():
+            blocks = (chunk == label).reshape(self.n_slices, self.size, self.fy, n_out, self.fx)
+            counts[:, :, at : at + n_out] = blocks.sum(axis=(2, 4), dtype=counts.dtype)
+
+    def masks(self, lo: int, hi: int) -> np.ndarray:
+        """``area_rescue`` labels of slices ``lo:hi`` (S', size, size)."""
+        scale = np.float32(1.0 / self.block)
+        out = np.empty((hi - lo, self.size, self.size), np.uint8)
+        # _CHUNK_SLICES at a time: the argmax over whole spans of float fractions took 200 MB
+        for start in range(lo, hi, _CHUNK_SLICES):
+            stop = min(start + _CHUNK_SLICES, hi)
+            kidney, tumor = (self.counts[k][start:stop] * scale for k in (1, 2))
+            out[start - lo : stop - lo] = labels_from_fractions(kidney, tumor)
+        return out
+
+    def start_images(self, lo: int, hi: int) -> None:
+        """Get ready to take slices ``lo:hi`` of the CT's columns."""
+        self.lo, self.hi = lo, hi
+        self._images = np.empty((self.size, self.size, hi - lo), np.float32)  # (W', H', S')
+
+    def add_images(self, first: int, chunk: np.ndarray, hu_min: float, hu_max: float) -> None:
+        """Columns ``first:first + n`` of the CT (S, H, n), HU; keeps slices ``lo:hi``."""
+        assert self._images is not None, "start_images first"
+        span = chunk[self.lo : self.hi].T  # (n, H, S'): slices as channels, as _resize_volume
+        n_out = span.shape[0] // self.fx
+        at = first // self.fx
+        step = min(_CHUNK_SLICES, _CV_MAX_CHANNELS)
+        for start in range(0, span.shape[2], step):
+            source = span[:, :, start : start + step]
+            if self._buffer is None or self._buffer.shape != source.shape:
+                self._buffer = np.empty(source.shape, np.float32)
+            _window_into(source, self._buffer, hu_min, hu_max)
+            resized = cv2.resize(self._buffer, (self.size, n_out), interpolation=cv2.INTER_AREA)
+            self._images[at : at + n_out, :, start : start + step] = resized.reshape(
+                n_out, self.size, -1
+            )
+
+    def images(self) -> np.ndarray:
+        """The windowed, resized slices ``lo:hi`` as uint8 (S', size, size)."""
+        assert self._images is not None, "start_images first"
+        return _to_uint8(np.ascontiguousarray(self._images.T))

@@ -220,7 +220,8 @@ def _bad_kits(tmp_path: Path, problem: str) -> Path:
         ("not_nifti", "cannot read"),
     ],
 )
-def test_bad_case_is_a_clear_error(tmp_path, problem, message):
+@pytest.mark.parametrize("image_size", ["128", "32"])  # 64 -> 32 streams, 64 -> 128 does not
+def test_bad_case_is_a_clear_error(tmp_path, problem, message, image_size):
     kits = _bad_kits(tmp_path, problem)
     before = _tree_digest(kits)
     proc = run_module(
@@ -231,6 +232,8 @@ def test_bad_case_is_a_clear_error(tmp_path, problem, message):
         tmp_path / "out",
         "--shards",
         "1",
+        "--image-size",
+        image_size,
         check=False,
     )
     assert proc.returncode == 2
@@ -332,7 +335,10 @@ def test_killed_rank_then_rerun_completes(tmp_path):
     ).stdout.split()
     victims = [int(p) for p in ranks if int(p) != proc.pid]
     assert victims, "no rank process found to kill"
-    os.kill(victims[-1], signal.SIGKILL)
+    # every rank at once (a node lost, the walltime): a rank left alive would take the cases
+    # nobody has claimed and could finish them all before mpirun notices the other is gone
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert not (out / "manifest.json").exists()
@@ -414,6 +420,7 @@ def test_read_decompressed_streams_every_member_and_checks_integrity(monkeypatch
     from preprocess import kits
 
     monkeypatch.setattr(kits, "READ_CHUNK", 4096)  # many chunks, members across their edges
+    monkeypatch.setattr(kits, "PART_BYTES", 777)  # output capped per call, as for label maps
     rng = np.random.default_rng(2)
     big = rng.integers(0, 40, 300_000).astype(np.uint8).tobytes()  # compressible, many chunks
     small = rng.bytes(5000)
@@ -426,6 +433,8 @@ def test_read_decompressed_streams_every_member_and_checks_integrity(monkeypatch
         return bytes(got)
 
     assert read(gzip.compress(big)) == big
+    sparse = bytes(200_000) + b"\x02" * 3 + bytes(100_000)  # compresses ~1000:1, as labels
+    assert read(gzip.compress(sparse)) == sparse
     assert read(big) == big  # not gzipped: as it is
     # concatenated members (as `cat a.gz b.gz` makes) and zero padding after the last one; the
     # last member's size in the trailer is smaller than the whole, so the buffer grows
@@ -439,6 +448,70 @@ def test_read_decompressed_streams_every_member_and_checks_integrity(monkeypatch
         read(bytes(corrupt))
     with pytest.raises(zlib.error):
         read(gzip.compress(big) + b"junk after the member")
+
+
+@pytest.mark.parametrize("name", ["vol.nii.gz", "vol.nii"])
+def test_volume_columns_read_a_volume_a_few_columns_at_a_time(tmp_path, name, monkeypatch):
+    from preprocess import kits
+
+    monkeypatch.setattr(kits, "READ_CHUNK", 1000)  # parts that straddle the columns
+    rng = np.random.default_rng(3)
+    hu = rng.integers(-1024, 3000, size=(9, 12, 10)).astype(np.int16)
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 2.5, 1.0])), str(path))
+    for columns in (1, 3, 4, 10, 64):
+        with kits.VolumeColumns(path, "case_x", columns) as volume:
+            assert volume.header.shape == hu.shape and volume.header.dtype == np.int16
+            got = np.zeros_like(hu)
+            firsts = []
+            for first, chunk in volume:
+                assert chunk.shape[:2] == hu.shape[:2] and chunk.shape[2] <= columns
+                got[:, :, first : first + chunk.shape[2]] = chunk
+                firsts.append(first)
+        np.testing.assert_array_equal(got, hu)
+        assert firsts == list(range(0, hu.shape[2], columns))
+        assert volume.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    path.write_bytes(path.read_bytes()[:-50])
+    with pytest.raises(kits.CaseError, match=r"case_x: cannot read .*vol\.nii.*truncated"):
+        for _ in kits.VolumeColumns(path, "case_x", 4):
+            pass
+
+
+@pytest.mark.parametrize("kind", ["slices", "blocks"])
+def test_streamed_case_is_the_case_loaded_whole(simple_kits, kind, monkeypatch):
+    """The usual input is resized as its columns stream in; the result is the same, bit for
+    bit, as loading the whole case (the path for anything else)."""
+    from preprocess import pipeline
+
+    cfg = PreprocessConfig(
+        kind=kind, kits_dir=str(simple_kits), out_dir="unused", image_size=32,
+        keep_empty=0.5, block_depth=8, block_overlap=2,
+    )  # fmt: skip
+    streamed_calls = []
+    streamed = pipeline._resize_streamed
+
+    def spy(*args):
+        result = streamed(*args)
+        streamed_calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(pipeline, "_resize_streamed", spy)
+    first = [process_case(cfg, c) for c in (0, 3)]
+    assert streamed_calls == [True, True]
+    monkeypatch.setattr(pipeline, "_resize_streamed", lambda *args: None)
+    whole = [process_case(cfg, c) for c in (0, 3)]
+    for a, b in zip(first, whole, strict=True):
+        for key in ("images", "masks", "slice_index", "counts"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        assert a["source"] == b["source"]
+        assert len(a["images"]) > 0
+    # sizes that are not whole factors (64 -> 48) are loaded whole
+    monkeypatch.setattr(pipeline, "_resize_streamed", spy)
+    streamed_calls.clear()
+    process_case(
+        PreprocessConfig(kind=kind, kits_dir=str(simple_kits), out_dir="u", image_size=48), 0
+    )
+    assert streamed_calls == [False]
 
 
 @pytest.mark.parametrize("name", ["vol.nii.gz", "vol.nii"])
@@ -466,3 +539,24 @@ def test_read_volume_matches_nibabel_and_rejects_truncated_files(tmp_path, name)
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(CaseError, match=r"case_x: cannot read .*vol\.nii"):
         read_volume(path, "case_x")
+
+
+def test_ranks_claim_each_case_once_largest_first_and_stop_after_a_failure(tmp_path):
+    from preprocess.pipeline import STOP, claim_cases, largest_first
+
+    order = largest_first([3, 1, 2, 7], {3: 10, 1: 50, 2: 10, 7: 30})
+    assert order == [1, 7, 2, 3]  # largest first, ties by id
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    # two ranks taking turns, as when each finishes a case before the other
+    rank0, rank1 = claim_cases(order, claims), claim_cases(order, claims)
+    taken = [next(rank0), next(rank1), next(rank1), next(rank0)]
+    assert taken == [(0, 1), (1, 7), (2, 2), (3, 3)]
+    assert list(rank0) == [] and list(rank1) == []
+    # a new run in a fresh folder; a rank that fails leaves a stop file: no new claims
+    claims2 = tmp_path / "claims2"
+    claims2.mkdir()
+    rank0 = claim_cases(order, claims2)
+    assert next(rank0) == (0, 1)
+    (claims2 / STOP).touch()
+    assert list(claim_cases(order, claims2)) == [] and list(rank0) == []
