@@ -335,15 +335,18 @@ def test_killed_rank_then_rerun_completes(tmp_path):
     ).stdout.split()
     victims = [int(p) for p in ranks if int(p) != proc.pid]
     assert victims, "no rank process found to kill"
-    # every rank at once (a node lost, the walltime): a rank left alive would take the cases
-    # nobody has claimed and could finish them all before mpirun notices the other is gone
+    # Freeze every rank first, then kill one (a node lost): left running, the other rank would
+    # take the cases nobody has claimed and could finish them all before mpirun notices. mpirun
+    # then ends the job (OpenMPI continues stopped ranks before it terminates them).
     for pid in victims:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGSTOP)
+    done_before = len(list(cases_dir.glob("*.json")))
+    os.kill(victims[-1], signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert not (out / "manifest.json").exists()
-    done_before = len(list(cases_dir.glob("*.json")))
     assert 0 < done_before < 16, "the kill did not land mid-way"
+    assert len(list(cases_dir.glob("*.json"))) < 16
 
     rerun = run_module("preprocess.downsample", *args[:-1], np_ranks=2)
     assert rerun.returncode == 0
