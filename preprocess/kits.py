@@ -231,6 +231,14 @@ class VolumeHeader:
     def scaled(self) -> bool:
         return self.slope is not None and (self.slope != 1 or (self.inter or 0) != 0)
 
+    def to_values(self, voxels: np.ndarray) -> np.ndarray:
+        """Stored voxels as the values they stand for: scaled storage comes back as float32
+        ``voxels * slope + inter``, as nibabel gives it; anything else unchanged."""
+        if not self.scaled:
+            return voxels
+        slope, inter = np.float32(self.slope), np.float32(self.inter or 0)
+        return voxels.astype(np.float32) * slope + inter
+
     @property
     def n_bytes(self) -> int:
         return self.offset + int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
@@ -279,10 +287,7 @@ def read_volume(path: Path, where: str) -> tuple[np.ndarray, np.ndarray, str]:
         raise CaseError(f"{where}: cannot read {path}: {exc}") from exc
     except Exception as exc:  # zlib, nibabel and numpy raise several types for foreign files
         raise CaseError(f"{where}: cannot read {path} as NIfTI: {exc}") from exc
-    if header.scaled:  # scaled storage comes back scaled, as nibabel gives it
-        slope, inter = np.float32(header.slope), np.float32(header.inter or 0)
-        voxels = voxels.astype(np.float32) * slope + inter
-    return voxels, header.affine, hasher.hexdigest()
+    return header.to_values(voxels), header.affine, hasher.hexdigest()
 
 
 class VolumeColumns:
@@ -386,6 +391,12 @@ def validate_labels(seg: np.ndarray, where: str) -> np.ndarray:
     return seg.astype(np.uint8, copy=False)
 
 
+def check_finite(values: np.ndarray, where: str) -> None:
+    """Raise :class:`CaseError` if float ``values`` hold NaN or inf (integers cannot)."""
+    if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+        raise CaseError(f"{where} contains non-finite values (NaN or inf)")
+
+
 def load_case(kits_dir: str | Path, case_id: int, require_segmentation: bool = True) -> Case:
     """Load one case folder, validating files, shapes, labels and values.
 
@@ -401,8 +412,7 @@ def load_case(kits_dir: str | Path, case_id: int, require_segmentation: bool = T
         raise CaseError(f"{name}: {folder / IMAGING} is {imaging.ndim}D, expected 3D")
     if imaging.dtype.kind not in "iuf" or imaging.dtype.fields is not None:
         raise CaseError(f"{name}: {folder / IMAGING} has voxel type {imaging.dtype}, not numeric")
-    if imaging.dtype.kind == "f" and not np.all(np.isfinite(imaging)):
-        raise CaseError(f"{name}: {folder / IMAGING} contains non-finite values (NaN or inf)")
+    check_finite(imaging, f"{name}: {folder / IMAGING}")
     seg = None
     seg_path = folder / SEGMENTATION
     if require_segmentation or seg_path.exists():

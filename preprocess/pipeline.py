@@ -52,6 +52,7 @@ from preprocess.kits import (
     CaseError,
     VolumeColumns,
     case_name,
+    check_finite,
     list_cases,
     load_case,
     parse_case_list,
@@ -220,8 +221,9 @@ def _resize_streamed(cfg: PreprocessConfig, case_id: int, span_of: SpanOf) -> Re
     A rank then holds a few columns instead of the whole CT and label map (peak memory for a
     KiTS19 case of 834 slices 207 MB instead of 973 MB), and fresh memory faulted in at once
     is what two ranks on one machine slowed each other down with (bench.preprocess). For the
-    usual input only: integer voxels, unscaled, shrunk by whole factors (512 -> 128),
-    ``area_rescue`` masks; None otherwise, and the caller loads the case whole.
+    usual input: CT of any numeric type (scaled storage too), integer unscaled labels, shrunk
+    by whole factors (512 -> 128), ``area_rescue`` masks; None otherwise, and the caller loads
+    the case whole.
     """
     if cfg.mask_method != "area_rescue":
         return None
@@ -235,7 +237,9 @@ def _resize_streamed(cfg: PreprocessConfig, case_id: int, span_of: SpanOf) -> Re
         if (
             len(shape) != 3
             or labels.header.shape != shape
-            or any(h.scaled or h.dtype.kind not in "iu" for h in (labels.header, imaging.header))
+            or labels.header.scaled
+            or labels.header.dtype.kind not in "iu"
+            or imaging.header.dtype.kind not in "iuf"
             or integer_factors(shape[1], shape[2], cfg.image_size) is None
         ):
             return None  # the in-memory path says what is wrong, or handles it
@@ -251,7 +255,9 @@ def _resize_streamed(cfg: PreprocessConfig, case_id: int, span_of: SpanOf) -> Re
         lo, hi = span_of(resizer.foreground)
         resizer.start_images(lo, hi)
         for first, chunk in imaging:
-            resizer.add_images(first, chunk, cfg.hu_min, cfg.hu_max)
+            values = imaging.header.to_values(chunk)
+            check_finite(values, f"{name}: {folder / IMAGING}")
+            resizer.add_images(first, values, cfg.hu_min, cfg.hu_max)
         assert labels.sha256 is not None and imaging.sha256 is not None
         return ResizedSpan(
             n_slices=shape[0],

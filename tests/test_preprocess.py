@@ -481,7 +481,7 @@ def test_volume_columns_read_a_volume_a_few_columns_at_a_time(tmp_path, name, mo
 
 
 @pytest.mark.parametrize("kind", ["slices", "blocks"])
-def test_streamed_case_is_the_case_loaded_whole(simple_kits, kind, monkeypatch):
+def test_streamed_case_is_the_case_loaded_whole(simple_kits, kind, monkeypatch, tmp_path):
     """The usual input is resized as its columns stream in; the result is the same, bit for
     bit, as loading the whole case (the path for anything else)."""
     from preprocess import pipeline
@@ -508,6 +508,32 @@ def test_streamed_case_is_the_case_loaded_whole(simple_kits, kind, monkeypatch):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
         assert a["source"] == b["source"]
         assert len(a["images"]) > 0
+    # CT stored as float32 or as scaled int16 streams too, with the same result
+    kits = tmp_path / "kits"
+    hu = nib.load(simple_kits / "case_00000" / "imaging.nii.gz")
+    seg = np.asarray(nib.load(simple_kits / "case_00000" / "segmentation.nii.gz").dataobj)
+    values = np.asarray(hu.dataobj)
+    as_float = nib.Nifti1Image(values.astype(np.float32) + 0.25, hu.affine)
+    scaled = nib.Nifti1Image(values.astype(np.int16), hu.affine)
+    scaled.header.set_slope_inter(0.5, -10)
+    for case_id, image in ((1, as_float), (2, scaled)):
+        folder = kits / f"case_{case_id:05d}"
+        folder.mkdir(parents=True)
+        nib.save(image, folder / "imaging.nii.gz")
+        nib.save(nib.Nifti1Image(seg, hu.affine), folder / "segmentation.nii.gz")
+    cfg_other = PreprocessConfig(
+        kind=kind, kits_dir=str(kits), out_dir="unused", image_size=32, block_depth=8,
+        block_overlap=2,
+    )  # fmt: skip
+    for case_id in (1, 2):
+        monkeypatch.setattr(pipeline, "_resize_streamed", spy)
+        streamed_calls.clear()
+        a = process_case(cfg_other, case_id)
+        assert streamed_calls == [True]
+        monkeypatch.setattr(pipeline, "_resize_streamed", lambda *args: None)
+        b = process_case(cfg_other, case_id)
+        for key in ("images", "masks", "slice_index", "counts"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"case {case_id} {key}")
     # sizes that are not whole factors (64 -> 48) are loaded whole
     monkeypatch.setattr(pipeline, "_resize_streamed", spy)
     streamed_calls.clear()
