@@ -144,16 +144,18 @@ class _Buffer:
         return memoryview(out)
 
 
-def _file_size_hint(file: BinaryIO, is_gzip: bool) -> int:
-    """Bytes the file decompresses to: its size, or gzip's ISIZE (the last member's length mod
-    2**32, exact for the usual single member under 4 GiB). Leaves the position at 0."""
+def _size_hint(file: BinaryIO) -> int:
+    """Bytes the file decompresses to: gzip's ISIZE (the last member's length mod 2**32, exact
+    for the usual single member under 4 GiB), or the file's size. Leaves the position at 0."""
     size = file.seek(0, os.SEEK_END)
-    hint = size
-    if is_gzip:
+    file.seek(0)
+    if file.read(2) != GZIP_MAGIC:
+        hint = size
+    elif size >= 18:
+        file.seek(size - 4)
+        hint = int.from_bytes(file.read(4), "little")
+    else:
         hint = 0
-        if size >= 18:
-            file.seek(size - 4)
-            hint = int.from_bytes(file.read(4), "little")
     file.seek(0)
     return hint
 
@@ -208,9 +210,7 @@ def _decompressed_parts(file: BinaryIO, hasher: Any) -> Iterator[bytes]:
 
 def read_decompressed(file: BinaryIO, hasher: Any) -> memoryview:
     """All bytes of ``file`` as one read-only buffer; see :func:`_decompressed_parts`."""
-    file.seek(0)
-    head = file.read(2)
-    buffer = _Buffer(_file_size_hint(file, head == GZIP_MAGIC))
+    buffer = _Buffer(_size_hint(file))
     for part in _decompressed_parts(file, hasher):
         buffer.append(part)
     return buffer.view()
@@ -262,6 +262,20 @@ def _parse_header(data: bytes | memoryview) -> VolumeHeader:
     )
 
 
+def _open_volume(path: Path, where: str) -> BinaryIO:
+    """``path`` opened for reading, or :class:`CaseError` naming ``where`` if it is missing."""
+    if not path.is_file():
+        raise CaseError(f"{where}: missing file {path}")
+    return path.open("rb")
+
+
+def _read_error(where: str, path: Path, exc: Exception) -> CaseError:
+    """The error for a file that could not be read (OSError) or is not a NIfTI volume."""
+    if isinstance(exc, OSError):
+        return CaseError(f"{where}: cannot read {path}: {exc}")
+    return CaseError(f"{where}: cannot read {path} as NIfTI: {exc}")
+
+
 def read_volume(path: Path, where: str) -> tuple[np.ndarray, np.ndarray, str]:
     """Voxels, affine and SHA-256 of a NIfTI-1/2 file (.nii or .nii.gz), read in one pass.
 
@@ -271,11 +285,9 @@ def read_volume(path: Path, where: str) -> tuple[np.ndarray, np.ndarray, str]:
     read loop (a quarter of nibabel's load time on KiTS19 volumes), and holds no copy of the
     compressed file. Raises :class:`CaseError` naming ``where`` and the file.
     """
-    if not path.is_file():
-        raise CaseError(f"{where}: missing file {path}")
     hasher = hashlib.sha256()
     try:
-        with path.open("rb") as file:
+        with _open_volume(path, where) as file:
             data = read_decompressed(file, hasher)
         header = _parse_header(data)
         if len(data) < header.n_bytes:
@@ -283,10 +295,10 @@ def read_volume(path: Path, where: str) -> tuple[np.ndarray, np.ndarray, str]:
         voxels = np.ndarray(
             header.shape, dtype=header.dtype, buffer=data, offset=header.offset, order="F"
         )
-    except OSError as exc:
-        raise CaseError(f"{where}: cannot read {path}: {exc}") from exc
-    except Exception as exc:  # zlib, nibabel and numpy raise several types for foreign files
-        raise CaseError(f"{where}: cannot read {path} as NIfTI: {exc}") from exc
+    except CaseError:
+        raise
+    except Exception as exc:  # OSError; zlib, nibabel and numpy raise several types
+        raise _read_error(where, path, exc) from exc
     return header.to_values(voxels), header.affine, hasher.hexdigest()
 
 
@@ -305,12 +317,10 @@ class VolumeColumns:
     """
 
     def __init__(self, path: Path, where: str, columns: int) -> None:
-        if not path.is_file():
-            raise CaseError(f"{where}: missing file {path}")
         self.path, self.where, self.columns = path, where, columns
         self.sha256: str | None = None
         self._hasher = hashlib.sha256()
-        self._file = path.open("rb")
+        self._file = _open_volume(path, where)
         self._parts = _decompressed_parts(self._file, self._hasher)
         head = b""
         try:
@@ -321,13 +331,8 @@ class VolumeColumns:
             self.header = _parse_header(head)
         except Exception as exc:
             self.close()
-            raise self._error(exc) from exc
+            raise _read_error(where, path, exc) from exc
         self._rest = memoryview(head)[self.header.offset :]
-
-    def _error(self, exc: Exception) -> CaseError:
-        if isinstance(exc, OSError):
-            return CaseError(f"{self.where}: cannot read {self.path}: {exc}")
-        return CaseError(f"{self.where}: cannot read {self.path} as NIfTI: {exc}")
 
     def close(self) -> None:
         self._file.close()
@@ -371,7 +376,7 @@ class VolumeColumns:
         except CaseError:
             raise
         except Exception as exc:  # zlib, numpy; OSError
-            raise self._error(exc) from exc
+            raise _read_error(self.where, self.path, exc) from exc
         finally:
             self.close()
         self.sha256 = self._hasher.hexdigest()

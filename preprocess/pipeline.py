@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,44 +178,79 @@ def block_starts(first: int, last: int, n_slices: int, depth: int, overlap: int)
 
 
 @dataclass
+class Selection:
+    """What of a case becomes samples: kept slices (2D) or block starts (3D), and the span of
+    slices ``lo:hi`` that holds them, the only part resized."""
+
+    lo: int
+    hi: int
+    keep: np.ndarray | None = None  # slices kept (2D)
+    starts: list[int] | None = None  # first slice of each block (3D)
+
+
+def select_samples(cfg: PreprocessConfig, case_id: int, foreground: np.ndarray) -> Selection:
+    """The slices or blocks of a case to keep, from its per-slice foreground (kidney or tumor)."""
+    n_slices = len(foreground)
+    # one draw per slice (or block start), seeded by the case: the same on any number of ranks
+    keep_draw = np.random.default_rng([cfg.shuffle_seed, case_id]).random(n_slices)
+    if cfg.kind == "slices":
+        keep = np.flatnonzero(foreground | (keep_draw < cfg.keep_empty))
+        # the span of kept slices is resized, then the kept ones picked at the small size; the
+        # span rarely holds more than a few others
+        lo, hi = (int(keep[0]), int(keep[-1]) + 1) if len(keep) else (0, 0)
+        return Selection(lo, hi, keep=keep)
+    if cfg.keep_empty > 0:
+        first, last = 0, n_slices - 1
+    elif foreground.any():
+        fg = np.flatnonzero(foreground)
+        first, last = int(fg[0]), int(fg[-1])
+    else:
+        first = last = -1
+    depth = cfg.block_depth
+    starts = [] if first < 0 else block_starts(first, last, n_slices, depth, cfg.block_overlap)
+    if 0 < cfg.keep_empty < 1:
+        # blocks over the whole volume; those without kidney or tumor kept by their draw
+        starts = [
+            s for s in starts if foreground[s : s + depth].any() or keep_draw[s] < cfg.keep_empty
+        ]
+    lo, hi = (min(starts), min(max(starts) + depth, n_slices)) if starts else (0, 0)
+    return Selection(lo, hi, starts=starts)
+
+
+@dataclass
 class ResizedSpan:
-    """Slices ``lo:hi`` of a case, windowed and resized, and what the selection needs."""
+    """The selected span of a case, windowed and resized, and where it came from."""
 
     n_slices: int
     shape: tuple[int, ...]
     spacing: tuple[float, float, float]
     sha256: dict[str, str]
-    lo: int
-    hi: int
+    selection: Selection
     images: np.ndarray  # (hi - lo, size, size) uint8
     masks: np.ndarray  # (hi - lo, size, size) uint8 labels
 
 
-# A function from a case's per-slice foreground to the span of slices (lo, hi) to resize.
-SpanOf = Callable[[np.ndarray], tuple[int, int]]
-
-
-def _resize_in_memory(cfg: PreprocessConfig, case_id: int, span_of: SpanOf) -> ResizedSpan:
+def _resize_in_memory(cfg: PreprocessConfig, case_id: int) -> ResizedSpan:
     """Load the whole case, then resize the span: any input, any size, any mask method."""
     case = load_case(cfg.kits_dir, case_id)
     seg = case.segmentation
     assert seg is not None
     # axis=(1, 2), not a reshape: nibabel's arrays are Fortran-ordered and a reshape would copy
-    lo, hi = span_of((seg > 0).any(axis=(1, 2)))
+    selection = select_samples(cfg, case_id, (seg > 0).any(axis=(1, 2)))
+    lo, hi = selection.lo, selection.hi
     return ResizedSpan(
         n_slices=seg.shape[0],
         shape=seg.shape,
         spacing=case.spacing,
         sha256=case.sha256,
-        lo=lo,
-        hi=hi,
+        selection=selection,
         # a view of the span is resized (no gather of a full-resolution copy)
         images=window_and_resize(case.imaging[lo:hi], cfg.hu_min, cfg.hu_max, cfg.image_size),
         masks=resize_masks(seg[lo:hi], cfg.image_size, cfg.mask_method),
     )
 
 
-def _resize_streamed(cfg: PreprocessConfig, case_id: int, span_of: SpanOf) -> ResizedSpan | None:
+def _resize_streamed(cfg: PreprocessConfig, case_id: int) -> ResizedSpan | None:
     """The same result as :func:`_resize_in_memory`, reading each file a few columns at a time.
 
     A rank then holds a few columns instead of the whole CT and label map (peak memory for a
@@ -252,7 +287,8 @@ def _resize_streamed(cfg: PreprocessConfig, case_id: int, span_of: SpanOf) -> Re
             bad = sorted(resizer.bad_labels)[:10]
             where = f"{name} ({folder / SEGMENTATION})"
             raise CaseError(f"{where}: labels outside {{0,1,2}}: {bad}")
-        lo, hi = span_of(resizer.foreground)
+        selection = select_samples(cfg, case_id, resizer.foreground)
+        lo, hi = selection.lo, selection.hi
         resizer.start_images(lo, hi)
         for first, chunk in imaging:
             values = imaging.header.to_values(chunk)
@@ -264,8 +300,7 @@ def _resize_streamed(cfg: PreprocessConfig, case_id: int, span_of: SpanOf) -> Re
             shape=shape,
             spacing=spacing_from_affine(imaging.header.affine),
             sha256={IMAGING: imaging.sha256, SEGMENTATION: labels.sha256},
-            lo=lo,
-            hi=hi,
+            selection=selection,
             images=resizer.images(),
             masks=resizer.masks(lo, hi),
         )
@@ -273,50 +308,15 @@ def _resize_streamed(cfg: PreprocessConfig, case_id: int, span_of: SpanOf) -> Re
 
 def process_case(cfg: PreprocessConfig, case_id: int) -> dict[str, Any]:
     """Load one case and turn it into samples: returns arrays and per-sample metadata."""
-    chosen: dict[str, Any] = {}
-
-    def span_of(foreground: np.ndarray) -> tuple[int, int]:
-        n_slices = len(foreground)
-        # one draw per slice (or block start), seeded by the case: the same on any number of ranks
-        keep_draw = np.random.default_rng([cfg.shuffle_seed, case_id]).random(n_slices)
-        if cfg.kind == "slices":
-            keep = np.flatnonzero(foreground | (keep_draw < cfg.keep_empty))
-            chosen["keep"] = keep
-            # the span of kept slices is resized, then the kept ones picked at the small size;
-            # the span rarely holds more than a few others
-            return (int(keep[0]), int(keep[-1]) + 1) if len(keep) else (0, 0)
-        if cfg.keep_empty > 0:
-            first, last = 0, n_slices - 1
-        elif foreground.any():
-            fg = np.flatnonzero(foreground)
-            first, last = int(fg[0]), int(fg[-1])
-        else:
-            first = last = -1
-        starts = (
-            []
-            if first < 0
-            else block_starts(first, last, n_slices, cfg.block_depth, cfg.block_overlap)
-        )
-        depth = cfg.block_depth
-        if 0 < cfg.keep_empty < 1:
-            # blocks over the whole volume; those without kidney or tumor kept by their draw
-            starts = [
-                s
-                for s in starts
-                if foreground[s : s + depth].any() or keep_draw[s] < cfg.keep_empty
-            ]
-        chosen["starts"] = starts
-        return (min(starts), min(max(starts) + depth, n_slices)) if starts else (0, 0)
-
-    resized = _resize_streamed(cfg, case_id, span_of) or _resize_in_memory(cfg, case_id, span_of)
-    lo, hi = resized.lo, resized.hi
-    if cfg.kind == "slices":
-        keep = chosen["keep"]
-        images = resized.images[keep - lo]
-        masks = resized.masks[keep - lo]
-        slice_index = keep.astype(np.int32)
+    resized = _resize_streamed(cfg, case_id) or _resize_in_memory(cfg, case_id)
+    selection = resized.selection
+    lo, hi = selection.lo, selection.hi
+    if selection.keep is not None:
+        images = resized.images[selection.keep - lo]
+        masks = resized.masks[selection.keep - lo]
+        slice_index = selection.keep.astype(np.int32)
     else:
-        starts = chosen["starts"]
+        starts = selection.starts or []
         size, depth = cfg.image_size, cfg.block_depth
         images = np.zeros((len(starts), depth, size, size), np.uint8)
         masks = np.zeros((len(starts), depth, size, size), np.uint8)

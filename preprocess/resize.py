@@ -41,13 +41,13 @@ def window_to_uint8(hu: np.ndarray, hu_min: float, hu_max: float) -> np.ndarray:
     return _window_into(hu, np.empty_like(hu, dtype=np.float32), hu_min, hu_max)
 
 
-def _max_channels(height: int, width: int, size: int, interpolation: int) -> int:
-    """Channels OpenCV accepts per cv2.resize call for this resize.
+def _max_channels(shape: tuple[int, int], out: tuple[int, int], interpolation: int) -> int:
+    """Channels OpenCV accepts per cv2.resize call for this resize (``shape`` -> ``out``).
 
     INTER_AREA shrinking by a non-integer factor (e.g. a 512x796 CT to 128x128) takes at most
     4 channels (cv2.error "cn <= 4"); integer factors and other interpolations take 512.
     """
-    if interpolation == cv2.INTER_AREA and (height % size or width % size):
+    if interpolation == cv2.INTER_AREA and (shape[0] % out[0] or shape[1] % out[1]):
         return 4
     return _CV_MAX_CHANNELS
 
@@ -57,9 +57,13 @@ Convert = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def _resize_volume(
-    volume: np.ndarray, size: int, interpolation: int, convert: Convert | None = None
+    volume: np.ndarray,
+    size: int | tuple[int, int],
+    interpolation: int,
+    convert: Convert | None = None,
 ) -> np.ndarray:
-    """Resize every slice of a (S, H, W) array to (size, size); returns (S, size, size).
+    """Resize every slice of a (S, H, W) array to ``size`` (an int: square; or (rows, columns));
+    returns (S, rows, columns).
 
     Works on the transposed view (W, H, S), which OpenCV takes as W x H images with the slices
     as channels, _CHUNK_SLICES at a time. NIfTI volumes from nibabel are Fortran-ordered, so
@@ -69,14 +73,15 @@ def _resize_volume(
     instead of a full-resolution float copy of the volume. Every layout takes the same path, so
     the result does not depend on where the array came from.
     """
+    rows, columns = (size, size) if isinstance(size, int) else size
     n_slices = volume.shape[0]
     dtype = np.float32 if convert is not None else volume.dtype
     if n_slices == 0:
-        return np.zeros((0, size, size), dtype)
+        return np.zeros((0, rows, columns), dtype)
     transposed = volume.T  # (W, H, S)
     width, height = transposed.shape[:2]
-    step = min(_CHUNK_SLICES, _max_channels(width, height, size, interpolation))
-    out = np.empty((size, size, n_slices), dtype)
+    step = min(_CHUNK_SLICES, _max_channels((height, width), (rows, columns), interpolation))
+    out = np.empty((columns, rows, n_slices), dtype)
     buffer = np.empty((width, height, min(step, n_slices)), np.float32) if convert else None
     for start in range(0, n_slices, step):
         source = transposed[:, :, start : start + step]
@@ -87,9 +92,9 @@ def _resize_volume(
             fits = source.shape[2] == buffer.shape[2]
             chunk = buffer if fits else np.empty(source.shape, np.float32)
             convert(source, chunk)
-        resized = cv2.resize(chunk, (size, size), interpolation=interpolation)
-        out[:, :, start : start + step] = resized.reshape(size, size, -1)
-    return np.ascontiguousarray(out.T)  # (S, size, size); small, so the copy is cheap
+        resized = cv2.resize(chunk, (rows, columns), interpolation=interpolation)
+        out[:, :, start : start + step] = resized.reshape(columns, rows, -1)
+    return np.ascontiguousarray(out.T)  # (S, rows, columns); small, so the copy is cheap
 
 
 def _to_uint8(resized: np.ndarray) -> np.ndarray:
@@ -218,7 +223,6 @@ class ColumnResizer:
         self.foreground = np.zeros(n_slices, bool)
         self.bad_labels: set[int] = set()  # values other than 0, 1, 2 seen
         self._images: np.ndarray | None = None
-        self._buffer: np.ndarray | None = None
 
     def add_labels(self, first: int, chunk: np.ndarray) -> None:
         """Columns ``first:first + n`` of the label volume (S, H, n)."""
@@ -245,26 +249,23 @@ class ColumnResizer:
     def start_images(self, lo: int, hi: int) -> None:
         """Get ready to take slices ``lo:hi`` of the CT's columns."""
         self.lo, self.hi = lo, hi
-        self._images = np.empty((self.size, self.size, hi - lo), np.float32)  # (W', H', S')
+        self._images = np.empty((hi - lo, self.size, self.size), np.float32)
 
     def add_images(self, first: int, chunk: np.ndarray, hu_min: float, hu_max: float) -> None:
         """Columns ``first:first + n`` of the CT (S, H, n), HU; keeps slices ``lo:hi``."""
         assert self._images is not None, "start_images first"
-        span = chunk[self.lo : self.hi].T  # (n, H, S'): slices as channels, as _resize_volume
-        n_out = span.shape[0] // self.fx
+        n_out = chunk.shape[2] // self.fx
         at = first // self.fx
-        step = min(_CHUNK_SLICES, _CV_MAX_CHANNELS)
-        for start in range(0, span.shape[2], step):
-            source = span[:, :, start : start + step]
-            if self._buffer is None or self._buffer.shape != source.shape:
-                self._buffer = np.empty(source.shape, np.float32)
-            _window_into(source, self._buffer, hu_min, hu_max)
-            resized = cv2.resize(self._buffer, (self.size, n_out), interpolation=cv2.INTER_AREA)
-            self._images[at : at + n_out, :, start : start + step] = resized.reshape(
-                n_out, self.size, -1
-            )
+
+        def window(source: np.ndarray, out: np.ndarray) -> np.ndarray:
+            return _window_into(source, out, hu_min, hu_max)
+
+        # the same resize as window_and_resize, on this group of columns
+        self._images[:, :, at : at + n_out] = _resize_volume(
+            chunk[self.lo : self.hi], (self.size, n_out), cv2.INTER_AREA, window
+        )
 
     def images(self) -> np.ndarray:
         """The windowed, resized slices ``lo:hi`` as uint8 (S', size, size)."""
         assert self._images is not None, "start_images first"
-        return _to_uint8(np.ascontiguousarray(self._images.T))
+        return _to_uint8(self._images)
