@@ -11,8 +11,10 @@ Ranks start the timed steps together. Rank 0 prints one result line with every r
 
 The same worker runs for 1 and 2 ranks, so the two differ only in the number of ranks.
 With ``"independent": true`` every rank trains its own copy (plain Adam, no allreduce): the
-machine's own limit on running two ranks side by side (shared caches, memory bandwidth, cores
-that are hyperthreads of one physical core on the host), which no communication can beat.
+limit of running two ranks side by side (shared caches, memory bandwidth, the host's cores),
+which no gradient exchange can beat. Horovod is still started, as in a real run, so its
+background thread and MPI's waiting are in this figure too (they were what held both figures
+down until train.runtime made MPI yield the core on CPU).
 The spec (JSON): {"models": [{"name", "input_shape", "options", "batch_size"}], "steps",
 "warmup", "threads", "seed", "lr", "independent"}.
 """

@@ -8,8 +8,9 @@
     sps(2 ranks) / (2 x sps(1 rank)). Batch per rank: 64 for 2D models (train.train's), 1 for
     Unet3D (train.train uses 4, but on CPU a full-size rank peaks at ~8 GB with batch 1 and
     ~11 GB with 2; two ranks are only started if the 1-rank peak says they fit in memory).
-    Each model runs in its own processes; 2 independent ranks (no allreduce) give the
-    machine's own ceiling for two side by side (--no-ceiling skips them).
+    Each model runs in its own processes; 2 independent ranks (Horovod started, no allreduce)
+    give the ceiling for two side by side without the gradient exchange (--no-ceiling skips
+    them).
     CPU seconds per sample and per-rank CPU utilisation are recorded beside the wall times:
     they tell "the ranks waited" (busy machine, allreduce) from "each step got dearer".
 (b) input pipeline alone: ``train.data.BatchSource`` over a real shard of 128x128 slices (made

@@ -72,13 +72,14 @@ def cpu_mpi_environment(environ: Any) -> None:
     """Ask OpenMPI to yield the core while it waits, when ranks train on CPU.
 
     Why: OpenMPI busy-polls while a call waits, and Horovod's background thread waits in MPI
-    every cycle (1 ms) for its peers. When every core runs a TensorFlow compute thread, as with
-    one rank of one thread per core, that polling takes the core from a compute thread: two
-    Unet2D ranks of one thread on two cores needed 0.9 CPU s per sample each instead of one
-    rank's 0.55, and trained 0.52-0.63x twice one rank's speed; yielding gave 0.76-0.94x
-    (bench.train). OpenMPI yields by itself only when it sees more ranks than slots. GPU ranks
-    keep the default: their cores are mostly free and polling is what keeps latency low.
-    Must run before MPI_Init (hvd.init); a value already in the environment is kept.
+    for its peers every cycle, milliseconds apart. When every core runs a TensorFlow compute
+    thread, as with one rank of one thread per core, that polling takes the core from a
+    compute thread: two Unet2D ranks of one thread on two cores needed 0.9 CPU s per sample
+    each instead of one rank's 0.55, and trained 0.52-0.63x twice one rank's speed; yielding
+    gave 0.85-0.93x (bench.train). OpenMPI yields by itself only when it sees more ranks than
+    slots. GPU ranks keep the default: their cores are mostly free and polling is what keeps
+    latency low. Must run before MPI_Init (hvd.init); a value already in the environment is
+    kept.
     """
     environ.setdefault(YIELD_WHEN_IDLE, "1")
 
