@@ -12,6 +12,7 @@ import platform
 import random
 import sys
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ def init_horovod() -> Any:
     return hvd
 
 
-def cpu_mpi_environment(environ: Any) -> None:
+def cpu_mpi_environment(environ: MutableMapping[str, str]) -> None:
     """Ask OpenMPI to yield the core while it waits, when ranks train on CPU.
 
     Why: OpenMPI busy-polls while a call waits, and Horovod's background thread waits in MPI
