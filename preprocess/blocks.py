@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from preprocess.pipeline import main
+from preprocess import pipeline
 
 DESCRIPTION = __doc__.split("\n\n")[0] + (
     " Blocks cover each case's contiguous range of slices with kidney or tumor (a shorter range "
@@ -19,5 +19,11 @@ DESCRIPTION = __doc__.split("\n\n")[0] + (
     "manifest.json."
 )
 
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (also the ``kits-preprocess-3d`` entry point); returns the exit status."""
+    return pipeline.main("blocks", "python -m preprocess.blocks", DESCRIPTION, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main("blocks", "python -m preprocess.blocks", DESCRIPTION))
+    sys.exit(main())

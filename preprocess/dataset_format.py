@@ -8,7 +8,6 @@ shard(s) and all ranks take the same number of steps.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -18,12 +17,11 @@ from typing import Any
 import h5py
 import numpy as np
 
-from preprocess.kits import atomic_path
+from preprocess.kits import atomic_path, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
-N_CLASSES = 3
 SHARD_FIELDS = (
     "images",
     "masks",
@@ -41,14 +39,6 @@ class DatasetError(ValueError):
 
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.h5"
-
-
-def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from preprocess.pipeline import main
+from preprocess import pipeline
 
 DESCRIPTION = __doc__.split("\n\n")[0] + (
     " Slices are resized with OpenCV (area averaging for CT; area fractions with small-component "
@@ -18,5 +18,11 @@ DESCRIPTION = __doc__.split("\n\n")[0] + (
     "train/val/test and written as equal-size HDF5 shards with a manifest.json."
 )
 
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (also the ``kits-preprocess-2d`` entry point); returns the exit status."""
+    return pipeline.main("slices", "python -m preprocess.downsample", DESCRIPTION, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main("slices", "python -m preprocess.downsample", DESCRIPTION))
+    sys.exit(main())

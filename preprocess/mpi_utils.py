@@ -6,6 +6,7 @@ plain ``python -m preprocess.X`` starts fast and needs no MPI runtime.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -41,12 +42,6 @@ class SerialComm:
     def gather(self, obj: Any, root: int = 0) -> list[Any]:
         return [obj]
 
-    def allreduce(self, obj: Any, op: Any = None) -> Any:
-        return obj
-
-    def Abort(self, code: int = 1) -> None:  # noqa: N802 - mirrors mpi4py
-        sys.exit(code)
-
 
 class Comm:
     """Wraps mpi4py's communicator (or SerialComm) with the rank/size shorthands."""
@@ -76,3 +71,24 @@ def get_comm() -> Comm:
 
         return Comm(MPI.COMM_WORLD)
     return Comm(SerialComm())
+
+
+def setup_logging(name: str, comm: Comm, quiet: bool = False) -> logging.Logger:
+    """The logger ``name`` of this process: info from rank 0 to stdout (none with ``quiet``),
+    errors from every rank to stderr, prefixed by the rank when there are several."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    if comm.rank == 0 and not quiet:
+        info = logging.StreamHandler(sys.stdout)
+        info.addFilter(lambda record: record.levelno < logging.ERROR)
+        info.setFormatter(logging.Formatter(f"[{name} %(asctime)s] %(message)s", "%H:%M:%S"))
+        logger.addHandler(info)
+    errors = logging.StreamHandler(sys.stderr)
+    errors.setLevel(logging.ERROR)
+    prefix = f"[rank {comm.rank}] " if comm.size > 1 else ""
+    errors.setFormatter(logging.Formatter(f"error: {prefix}%(message)s"))
+    logger.addHandler(errors)
+    return logger

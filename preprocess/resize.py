@@ -1,4 +1,6 @@
-"""HU windowing and 512 -> 128 resizing of CT slices and label masks (OpenCV).
+"""HU windowing and resizing of CT slices and label masks (OpenCV), e.g. 512x512 -> 128x128.
+
+Every resize takes an output size ``size``: an int for square slices, or ``(rows, columns)``.
 
 Masks are the delicate part: a tumor of a few pixels at 512x512 covers a fraction of one pixel
 at 128x128, and plain nearest-neighbour sampling keeps or loses it depending on where the
@@ -56,9 +58,16 @@ def _max_channels(shape: tuple[int, int], out: tuple[int, int], interpolation: i
 Convert = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
+Size = int | tuple[int, int]
+
+
+def _rows_columns(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def _resize_volume(
     volume: np.ndarray,
-    size: int | tuple[int, int],
+    size: Size,
     interpolation: int,
     convert: Convert | None = None,
 ) -> np.ndarray:
@@ -68,12 +77,12 @@ def _resize_volume(
     Works on the transposed view (W, H, S), which OpenCV takes as W x H images with the slices
     as channels, _CHUNK_SLICES at a time. NIfTI volumes from nibabel are Fortran-ordered, so
     that view reads each pixel's run of slices contiguously, and the volume is never copied into
-    slice order (that copy used to cost a quarter of the preprocessing time). ``convert``, when
-    given, turns each chunk into float32 first (HU window, one-hot mask) in one reused buffer
-    instead of a full-resolution float copy of the volume. Every layout takes the same path, so
+    slice order (a copy as large as the CT). ``convert``, when given, turns each chunk into
+    float32 first (HU window, one-hot mask) in one reused buffer instead of a full-resolution
+    float copy of the volume. Every layout takes the same path, so
     the result does not depend on where the array came from.
     """
-    rows, columns = (size, size) if isinstance(size, int) else size
+    rows, columns = _rows_columns(size)
     n_slices = volume.shape[0]
     dtype = np.float32 if convert is not None else volume.dtype
     if n_slices == 0:
@@ -101,20 +110,21 @@ def _to_uint8(resized: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
 
 
-def resize_images(slices: np.ndarray, size: int) -> np.ndarray:
-    """(S, H, W) float32 window-scaled slices -> (S, size, size) uint8, area-averaged."""
-    if slices.shape[1:] == (size, size):
+def resize_images(slices: np.ndarray, size: Size) -> np.ndarray:
+    """(S, H, W) window-scaled slices (float32 or uint8) -> (S, rows, columns) uint8,
+    area-averaged."""
+    if slices.shape[1:] == _rows_columns(size):
         return _to_uint8(np.asarray(slices))
     return _to_uint8(_resize_volume(slices, size, cv2.INTER_AREA))
 
 
-def window_and_resize(hu: np.ndarray, hu_min: float, hu_max: float, size: int) -> np.ndarray:
-    """(S, H, W) HU -> (S, size, size) uint8: ``resize_images(window_to_uint8(hu, ...), size)``.
+def window_and_resize(hu: np.ndarray, hu_min: float, hu_max: float, size: Size) -> np.ndarray:
+    """(S, H, W) HU -> (S, rows, columns) uint8: ``resize_images(window_to_uint8(hu, ...), size)``.
 
     The same numbers, without the full-resolution float32 copy in between: the window is applied
     chunk by chunk as the slices are resized. What preprocessing and inference both use.
     """
-    if hu.shape[1:] == (size, size):
+    if hu.shape[1:] == _rows_columns(size):
         return resize_images(window_to_uint8(hu, hu_min, hu_max), size)
 
     def window(source: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -146,8 +156,8 @@ def _rescue_lost_components(fractions: np.ndarray, out: np.ndarray, label: int) 
         out.flat[where] = label
 
 
-def resize_masks(masks: np.ndarray, size: int, method: str = "area_rescue") -> np.ndarray:
-    """(S, H, W) uint8 labels 0/1/2 -> (S, size, size) uint8 labels.
+def resize_masks(masks: np.ndarray, size: Size, method: str = "area_rescue") -> np.ndarray:
+    """(S, H, W) uint8 labels 0/1/2 -> (S, rows, columns) uint8 labels.
 
     Methods: ``area_rescue`` (default, see the module docstring), ``nearest`` (OpenCV
     INTER_NEAREST), ``cubic_threshold`` (the thesis: cubic interpolation of each class's mask,
@@ -156,8 +166,8 @@ def resize_masks(masks: np.ndarray, size: int, method: str = "area_rescue") -> n
     if method not in MASK_METHODS:
         raise ValueError(f"unknown mask resize method {method!r}; choose from {MASK_METHODS}")
     if len(masks) == 0:
-        return np.zeros((0, size, size), np.uint8)
-    if masks.shape[1:] == (size, size):
+        return np.zeros((0, *_rows_columns(size)), np.uint8)
+    if masks.shape[1:] == _rows_columns(size):
         return np.array(masks, np.uint8, copy=True)
     if method == "nearest":
         return _resize_volume(np.asarray(masks, np.uint8), size, cv2.INTER_NEAREST)
@@ -182,7 +192,7 @@ def resize_masks(masks: np.ndarray, size: int, method: str = "area_rescue") -> n
 
 
 def labels_from_fractions(kidney: np.ndarray, tumor: np.ndarray) -> np.ndarray:
-    """``area_rescue`` labels (S, size, size) from each class's covered fraction per pixel."""
+    """``area_rescue`` labels (S, rows, columns) from each class's covered fraction per pixel."""
     fractions = {1: kidney, 2: tumor}
     # Largest covered fraction wins; ties go to the rarer class (tumor, then kidney).
     background = 1.0 - kidney - tumor
@@ -192,80 +202,3 @@ def labels_from_fractions(kidney: np.ndarray, tumor: np.ndarray) -> np.ndarray:
         for s in np.flatnonzero((fractions[label] > 0).any(axis=(1, 2))):
             _rescue_lost_components(fractions[label][s], out[s], label)
     return out
-
-
-def integer_factors(height: int, width: int, size: int) -> tuple[int, int] | None:
-    """(rows, columns) shrink factors if (height, width) -> (size, size) is by whole numbers."""
-    if height % size or width % size or height < size or width < size:
-        return None
-    return height // size, width // size
-
-
-class ColumnResizer:
-    """Window and area-resize a volume (S, H, W) that arrives a group of columns at a time.
-
-    For shrinking by whole factors only (``integer_factors``): OpenCV's INTER_AREA then averages
-    each output pixel's own block, so a group of ``fx * k`` columns makes exactly ``k`` output
-    columns and the result is the same, bit for bit, as resizing whole slices with
-    ``window_and_resize`` (tested). ``masks`` counts each class's pixels per block instead, from
-    which the fractions INTER_AREA gives are exact (k / block size).
-    """
-
-    def __init__(self, n_slices: int, height: int, width: int, size: int) -> None:
-        factors = integer_factors(height, width, size)
-        if factors is None:
-            raise ValueError(f"{height}x{width} -> {size}x{size} is not by whole factors")
-        self.fy, self.fx = factors
-        self.size, self.n_slices = size, n_slices
-        self.block = self.fy * self.fx
-        count_type = np.uint8 if self.block <= 255 else np.uint16
-        self.counts = {label: np.zeros((n_slices, size, size), count_type) for label in (1, 2)}
-        self.foreground = np.zeros(n_slices, bool)
-        self.bad_labels: set[int] = set()  # values other than 0, 1, 2 seen
-        self._images: np.ndarray | None = None
-
-    def add_labels(self, first: int, chunk: np.ndarray) -> None:
-        """Columns ``first:first + n`` of the label volume (S, H, n)."""
-        if chunk.min(initial=0) < 0 or chunk.max(initial=0) > 2:  # min/max: unique would sort
-            self.bad_labels |= set(np.unique(chunk[(chunk < 0) | (chunk > 2)]).tolist())
-        self.foreground |= (chunk > 0).any(axis=(1, 2))
-        n_out = chunk.shape[2] // self.fx
-        at = first // self.fx
-        for label, counts in self.counts.items():
-            blocks = (chunk == label).reshape(self.n_slices, self.size, self.fy, n_out, self.fx)
-            counts[:, :, at : at + n_out] = blocks.sum(axis=(2, 4), dtype=counts.dtype)
-
-    def masks(self, lo: int, hi: int) -> np.ndarray:
-        """``area_rescue`` labels of slices ``lo:hi`` (S', size, size)."""
-        scale = np.float32(1.0 / self.block)
-        out = np.empty((hi - lo, self.size, self.size), np.uint8)
-        # _CHUNK_SLICES at a time: the argmax over whole spans of float fractions took 200 MB
-        for start in range(lo, hi, _CHUNK_SLICES):
-            stop = min(start + _CHUNK_SLICES, hi)
-            kidney, tumor = (self.counts[k][start:stop] * scale for k in (1, 2))
-            out[start - lo : stop - lo] = labels_from_fractions(kidney, tumor)
-        return out
-
-    def start_images(self, lo: int, hi: int) -> None:
-        """Get ready to take slices ``lo:hi`` of the CT's columns."""
-        self.lo, self.hi = lo, hi
-        self._images = np.empty((hi - lo, self.size, self.size), np.float32)
-
-    def add_images(self, first: int, chunk: np.ndarray, hu_min: float, hu_max: float) -> None:
-        """Columns ``first:first + n`` of the CT (S, H, n), HU; keeps slices ``lo:hi``."""
-        assert self._images is not None, "start_images first"
-        n_out = chunk.shape[2] // self.fx
-        at = first // self.fx
-
-        def window(source: np.ndarray, out: np.ndarray) -> np.ndarray:
-            return _window_into(source, out, hu_min, hu_max)
-
-        # the same resize as window_and_resize, on this group of columns
-        self._images[:, :, at : at + n_out] = _resize_volume(
-            chunk[self.lo : self.hi], (self.size, n_out), cv2.INTER_AREA, window
-        )
-
-    def images(self) -> np.ndarray:
-        """The windowed, resized slices ``lo:hi`` as uint8 (S', size, size)."""
-        assert self._images is not None, "start_images first"
-        return _to_uint8(self._images)

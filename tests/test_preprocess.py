@@ -1,17 +1,15 @@
-"""Preprocessing to sharded HDF5 (preprocess.pipeline, .downsample, .blocks) incl. real MPI runs."""
+"""Preprocessing to sharded HDF5 (preprocess.pipeline and the modules it drives: .config,
+.samples, .claims, .shards, .manifest; .downsample, .blocks) incl. real MPI runs."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import time
-import zlib
 from pathlib import Path
 
 import h5py
@@ -21,7 +19,9 @@ import pytest
 from conftest import PYTHON, ROOT, preprocess_small, run_env, run_module, write_simple_kits
 
 from preprocess.dataset_format import SHARD_FIELDS, balanced_class_weights, load_manifest
-from preprocess.pipeline import PreprocessConfig, block_starts, plan_shards, process_case
+from preprocess.pipeline import PreprocessConfig
+from preprocess.samples import block_starts, process_case
+from preprocess.shards import plan_shards
 from preprocess.splits import make_split
 
 
@@ -206,6 +206,20 @@ def _bad_kits(tmp_path: Path, problem: str) -> Path:
         nib.save(nib.Nifti1Image(arr, img.affine), case / "imaging.nii.gz")
     elif problem == "not_nifti":
         (case / "imaging.nii.gz").write_bytes(b"this is not a NIfTI file")
+    elif problem == "shifted":  # same shape, labels 40 mm away from the CT
+        affine = seg.affine.copy()
+        affine[0, 3] += 40.0
+        nib.save(nib.Nifti1Image(np.asarray(seg.dataobj), affine), case / "segmentation.nii.gz")
+    elif problem == "oblique":
+        turn = np.eye(4)
+        turn[:2, :2] = [[np.cos(0.2), -np.sin(0.2)], [np.sin(0.2), np.cos(0.2)]]
+        nib.save(
+            nib.Nifti1Image(np.asarray(img.dataobj), turn @ img.affine), case / "imaging.nii.gz"
+        )
+    elif problem == "not_3d":
+        nib.save(
+            nib.Nifti1Image(np.asarray(img.dataobj)[..., None], img.affine), case / "imaging.nii.gz"
+        )
     return kits
 
 
@@ -218,9 +232,12 @@ def _bad_kits(tmp_path: Path, problem: str) -> Path:
         ("labels", "labels outside {0,1,2}: [7]"),
         ("nan", "non-finite"),
         ("not_nifti", "cannot read"),
+        ("shifted", "segmentation's affine differs from the imaging's (origin shifted 40 mm"),
+        ("oblique", "oblique orientation"),
+        ("not_3d", "4D image"),
     ],
 )
-@pytest.mark.parametrize("image_size", ["128", "32"])  # 64 -> 32 streams, 64 -> 128 does not
+@pytest.mark.parametrize("image_size", ["128", "32"])  # enlarged and shrunk
 def test_bad_case_is_a_clear_error(tmp_path, problem, message, image_size):
     kits = _bad_kits(tmp_path, problem)
     before = _tree_digest(kits)
@@ -419,159 +436,8 @@ def test_balanced_weights_formula():
     assert json.dumps(balanced_class_weights([5, 0, 5]))  # absent class -> 0, still serialisable
 
 
-def test_read_decompressed_streams_every_member_and_checks_integrity(monkeypatch):
-    from preprocess import kits
-
-    monkeypatch.setattr(kits, "READ_CHUNK", 4096)  # many chunks, members across their edges
-    monkeypatch.setattr(kits, "PART_BYTES", 777)  # output capped per call, as for label maps
-    rng = np.random.default_rng(2)
-    big = rng.integers(0, 40, 300_000).astype(np.uint8).tobytes()  # compressible, many chunks
-    small = rng.bytes(5000)
-
-    def read(raw: bytes) -> bytes:
-        hasher = hashlib.sha256()
-        got = kits.read_decompressed(io.BytesIO(raw), hasher)
-        assert got.readonly
-        assert hasher.hexdigest() == hashlib.sha256(raw).hexdigest()  # of the file as stored
-        return bytes(got)
-
-    assert read(gzip.compress(big)) == big
-    sparse = bytes(200_000) + b"\x02" * 3 + bytes(100_000)  # compresses ~1000:1, as labels
-    assert read(gzip.compress(sparse)) == sparse
-    assert read(big) == big  # not gzipped: as it is
-    # concatenated members (as `cat a.gz b.gz` makes) and zero padding after the last one; the
-    # last member's size in the trailer is smaller than the whole, so the buffer grows
-    assert read(gzip.compress(big) + gzip.compress(small) + b"\0" * 5000) == big + small
-    assert read(gzip.compress(b"") + gzip.compress(small)) == small
-    with pytest.raises(ValueError, match="truncated"):
-        read(gzip.compress(big)[:-5])
-    corrupt = bytearray(gzip.compress(big))
-    corrupt[-8] ^= 1  # CRC of the data
-    with pytest.raises(zlib.error):
-        read(bytes(corrupt))
-    with pytest.raises(zlib.error):
-        read(gzip.compress(big) + b"junk after the member")
-
-
-@pytest.mark.parametrize("name", ["vol.nii.gz", "vol.nii"])
-def test_volume_columns_read_a_volume_a_few_columns_at_a_time(tmp_path, name, monkeypatch):
-    from preprocess import kits
-
-    monkeypatch.setattr(kits, "READ_CHUNK", 1000)  # parts that straddle the columns
-    rng = np.random.default_rng(3)
-    hu = rng.integers(-1024, 3000, size=(9, 12, 10)).astype(np.int16)
-    path = tmp_path / name
-    nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 2.5, 1.0])), str(path))
-    for columns in (1, 3, 4, 10, 64):
-        with kits.VolumeColumns(path, "case_x", columns) as volume:
-            assert volume.header.shape == hu.shape and volume.header.dtype == np.int16
-            got = np.zeros_like(hu)
-            firsts = []
-            for first, chunk in volume:
-                assert chunk.shape[:2] == hu.shape[:2] and chunk.shape[2] <= columns
-                got[:, :, first : first + chunk.shape[2]] = chunk
-                firsts.append(first)
-        np.testing.assert_array_equal(got, hu)
-        assert firsts == list(range(0, hu.shape[2], columns))
-        assert volume.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    path.write_bytes(path.read_bytes()[:-50])
-    with pytest.raises(kits.CaseError, match=r"case_x: cannot read .*vol\.nii.*truncated"):
-        for _ in kits.VolumeColumns(path, "case_x", 4):
-            pass
-
-
-@pytest.mark.parametrize("kind", ["slices", "blocks"])
-def test_streamed_case_is_the_case_loaded_whole(simple_kits, kind, monkeypatch, tmp_path):
-    """The usual input is resized as its columns stream in; the result is the same, bit for
-    bit, as loading the whole case (the path for anything else)."""
-    from preprocess import pipeline
-
-    cfg = PreprocessConfig(
-        kind=kind, kits_dir=str(simple_kits), out_dir="unused", image_size=32,
-        keep_empty=0.5, block_depth=8, block_overlap=2,
-    )  # fmt: skip
-    streamed_calls = []
-    streamed = pipeline._resize_streamed
-
-    def spy(*args):
-        result = streamed(*args)
-        streamed_calls.append(result is not None)
-        return result
-
-    monkeypatch.setattr(pipeline, "_resize_streamed", spy)
-    first = [process_case(cfg, c) for c in (0, 3)]
-    assert streamed_calls == [True, True]
-    monkeypatch.setattr(pipeline, "_resize_streamed", lambda *args: None)
-    whole = [process_case(cfg, c) for c in (0, 3)]
-    for a, b in zip(first, whole, strict=True):
-        for key in ("images", "masks", "slice_index", "counts"):
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-        assert a["source"] == b["source"]
-        assert len(a["images"]) > 0
-    # CT stored as float32 or as scaled int16 streams too, with the same result
-    kits = tmp_path / "kits"
-    hu = nib.load(simple_kits / "case_00000" / "imaging.nii.gz")
-    seg = np.asarray(nib.load(simple_kits / "case_00000" / "segmentation.nii.gz").dataobj)
-    values = np.asarray(hu.dataobj)
-    as_float = nib.Nifti1Image(values.astype(np.float32) + 0.25, hu.affine)
-    scaled = nib.Nifti1Image(values.astype(np.int16), hu.affine)
-    scaled.header.set_slope_inter(0.5, -10)
-    for case_id, image in ((1, as_float), (2, scaled)):
-        folder = kits / f"case_{case_id:05d}"
-        folder.mkdir(parents=True)
-        nib.save(image, folder / "imaging.nii.gz")
-        nib.save(nib.Nifti1Image(seg, hu.affine), folder / "segmentation.nii.gz")
-    cfg_other = PreprocessConfig(
-        kind=kind, kits_dir=str(kits), out_dir="unused", image_size=32, block_depth=8,
-        block_overlap=2,
-    )  # fmt: skip
-    for case_id in (1, 2):
-        monkeypatch.setattr(pipeline, "_resize_streamed", spy)
-        streamed_calls.clear()
-        a = process_case(cfg_other, case_id)
-        assert streamed_calls == [True]
-        monkeypatch.setattr(pipeline, "_resize_streamed", lambda *args: None)
-        b = process_case(cfg_other, case_id)
-        for key in ("images", "masks", "slice_index", "counts"):
-            np.testing.assert_array_equal(a[key], b[key], err_msg=f"case {case_id} {key}")
-    # sizes that are not whole factors (64 -> 48) are loaded whole
-    monkeypatch.setattr(pipeline, "_resize_streamed", spy)
-    streamed_calls.clear()
-    process_case(
-        PreprocessConfig(kind=kind, kits_dir=str(simple_kits), out_dir="u", image_size=48), 0
-    )
-    assert streamed_calls == [False]
-
-
-@pytest.mark.parametrize("name", ["vol.nii.gz", "vol.nii"])
-def test_read_volume_matches_nibabel_and_rejects_truncated_files(tmp_path, name):
-    from preprocess.kits import CaseError, read_volume
-
-    rng = np.random.default_rng(1)
-    hu = rng.integers(-1024, 3000, size=(7, 12, 10)).astype(np.int16)
-    affine = np.diag([-0.8, -0.8, 2.5, 1.0])[[2, 1, 0, 3]]
-    path = tmp_path / name
-    nib.save(nib.Nifti1Image(hu, affine), str(path))
-    voxels, got_affine, digest = read_volume(path, "case_x")
-    reference = nib.load(str(path))
-    np.testing.assert_array_equal(voxels, np.asarray(reference.dataobj))
-    assert voxels.dtype == np.int16 and voxels.flags.f_contiguous
-    np.testing.assert_allclose(got_affine, reference.affine)
-    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
-    # scaled storage comes back scaled, as nibabel gives it
-    scaled = nib.Nifti1Image(hu, affine)
-    scaled.header.set_slope_inter(0.5, -10)
-    nib.save(scaled, str(path))
-    np.testing.assert_allclose(
-        read_volume(path, "case_x")[0], np.asarray(nib.load(str(path)).dataobj), rtol=1e-6
-    )
-    path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(CaseError, match=r"case_x: cannot read .*vol\.nii"):
-        read_volume(path, "case_x")
-
-
 def test_ranks_claim_each_case_once_largest_first_and_stop_after_a_failure(tmp_path):
-    from preprocess.pipeline import STOP, claim_cases, largest_first
+    from preprocess.claims import STOP, claim_cases, largest_first
 
     order = largest_first([3, 1, 2, 7], {3: 10, 1: 50, 2: 10, 7: 30})
     assert order == [1, 7, 2, 3]  # largest first, ties by id
@@ -589,3 +455,106 @@ def test_ranks_claim_each_case_once_largest_first_and_stop_after_a_failure(tmp_p
     assert next(rank0) == (0, 1)
     (claims2 / STOP).touch()
     assert list(claim_cases(order, claims2)) == [] and list(rank0) == []
+
+
+def test_output_that_is_a_file_is_an_error(simple_kits, tmp_path):
+    out = tmp_path / "taken.txt"
+    out.write_text("not a dataset")
+    proc = run_module(
+        "preprocess.downsample", "--kits", simple_kits, "--output", out, "--image-size", "32",
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and f"{out} is an existing file" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert out.read_text() == "not a dataset"
+
+
+def test_tagged_case_folders_are_read_and_duplicate_ids_refused(simple_kits, tmp_path):
+    tagged = tmp_path / "tagged"
+    for c in (0, 1, 2, 3):
+        shutil.copytree(simple_kits / f"case_{c:05d}", tagged / f"case_{c:05d}_s{10 + c}")
+    plain = tmp_path / "plain"
+    for c in (0, 1, 2, 3):
+        shutil.copytree(simple_kits / f"case_{c:05d}", plain / f"case_{c:05d}")
+    args = ["--image-size", "32", "--shards", "1", "--split-ratio", "2", "1", "1"]
+    preprocess_small(tagged, tmp_path / "a", *args[2:], shards=1)
+    preprocess_small(plain, tmp_path / "b", *args[2:], shards=1)
+    digests = [
+        [s["sha256"] for split in m["splits"].values() for s in split["shards"]]
+        for m in (load_manifest(tmp_path / "a"), load_manifest(tmp_path / "b"))
+    ]
+    assert digests[0] == digests[1]
+    shutil.copytree(plain / "case_00002", tagged / "case_00002")  # a second folder for id 2
+    proc = run_module(
+        "preprocess.downsample", "--kits", tagged, "--out", tmp_path / "c", *args, check=False
+    )
+    assert proc.returncode == 2
+    assert "two folders for case_00002: case_00002 and case_00002_s12" in proc.stderr
+
+
+def _stored_as(volume: np.ndarray, affine: np.ndarray, axcodes: str) -> nib.Nifti1Image:
+    """The same voxels in the same world places, stored in the array layout ``axcodes``."""
+    orient = nib.orientations
+    transform = orient.ornt_transform(orient.io_orientation(affine), orient.axcodes2ornt(axcodes))
+    data = orient.apply_orientation(volume, transform)
+    return nib.Nifti1Image(data, affine @ orient.inv_ornt_aff(transform, volume.shape))
+
+
+@pytest.mark.parametrize("axcodes", ["RAS", "LPS", "SAR"])
+def test_a_case_in_another_orientation_gives_the_same_samples(simple_kits, tmp_path, axcodes):
+    source = simple_kits / "case_00001"
+    folder = tmp_path / "kits" / "case_00001"
+    folder.mkdir(parents=True)
+    for name in ("imaging.nii.gz", "segmentation.nii.gz"):
+        img = nib.load(source / name)
+        stored = _stored_as(np.asarray(img.dataobj), img.affine, tuple(axcodes))
+        assert stored.shape != img.shape or axcodes == "SAR"
+        nib.save(stored, folder / name)
+    for kind in ("slices", "blocks"):
+        cfg = {"kind": kind, "out_dir": "unused", "image_size": 32, "block_depth": 8}
+        cfg |= {"block_overlap": 2, "keep_empty": 0.5}
+        want = process_case(PreprocessConfig(kits_dir=str(simple_kits), **cfg), 1)
+        got = process_case(PreprocessConfig(kits_dir=str(tmp_path / "kits"), **cfg), 1)
+        for key in ("images", "masks", "slice_index", "counts"):
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{kind} {key}")
+        assert got["source"]["spacing"] == want["source"]["spacing"]
+
+
+def test_target_spacing_resamples_pads_and_is_recorded(simple_kits, tmp_path):
+    # 64 px at 0.8 mm = 51.2 mm; at 1.6 mm per pixel 32 px, centred on a 48 px grid
+    out = tmp_path / "ds"
+    preprocess_small(simple_kits, out, "--image-size", "48", "--target-spacing", "1.6")
+    m = load_manifest(out)
+    assert m["target_spacing"] == 1.6 and m["parameters"]["target_spacing"] == 1.6
+    assert m["identity"]["target_spacing"] == 1.6
+    for shard in _shards(out).values():
+        for key in ("images", "masks"):
+            border = np.ones((48, 48), bool)
+            border[8:40, 8:40] = False
+            assert not shard[key][:, border].any(), key  # zero padding around the field of view
+        assert shard["masks"][:, 8:40, 8:40].any()
+    plain = preprocess_small(simple_kits, tmp_path / "plain")
+    assert load_manifest(plain)["target_spacing"] is None
+
+
+def test_command_line_defaults_are_the_config_defaults():
+    from preprocess.config import build_parser, config_from_args
+
+    for kind in ("slices", "blocks"):
+        args = build_parser(kind, "prog", "").parse_args(["--kits", "k", "--out", "o"])
+        assert config_from_args(kind, args) == PreprocessConfig(kind, "k", "o")
+    args = build_parser("blocks", "prog", "").parse_args(
+        ["--kits", "k", "--output", "o", "--hu-window", "-79", "304", "--compression", "lzf",
+         "--depth", "16", "--target-spacing", "1.5", "--keep-empty"]
+    )  # fmt: skip
+    cfg = config_from_args("blocks", args)
+    assert (cfg.hu_min, cfg.hu_max, cfg.compression, cfg.block_depth) == (-79, 304, "lzf", 16)
+    assert cfg.target_spacing == 1.5 and cfg.keep_empty == 1.0 and cfg.out_dir == "o"
+
+
+def test_preprocessing_never_imports_tensorflow():
+    code = (
+        "import sys, preprocess.pipeline, preprocess.geometry, preprocess.verify; "
+        "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
+    )
+    subprocess.run([PYTHON, "-c", code], cwd=ROOT, env=run_env(), check=True, timeout=60)

@@ -100,49 +100,22 @@ def test_area_rescue_never_lets_kidney_replace_tumor():
     assert out[0, 2, 2] == 2 and (out == 1).sum() == 0
 
 
-def _labels_with_small_blobs(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.ndarray:
-    labels = np.zeros(shape, np.uint8)
-    n, h, w = shape
-    labels[2 : n - 2, h // 4 : 3 * h // 4, w // 5 : w // 2] = 1
-    labels[3:6, h // 3 : h // 3 + 5, w // 4 : w // 4 + 3] = 2
-    for _ in range(12):  # single pixels of either class anywhere, as small tumors can be
-        labels[rng.integers(n), rng.integers(h), rng.integers(w)] = rng.integers(1, 3)
-    return labels
-
-
-@pytest.mark.parametrize(
-    "shape,size,columns",
-    [((20, 64, 32), 16, 4), ((9, 32, 32), 16, 2), ((70, 16, 48), 8, 12), ((5, 8, 8), 8, 1)],
-)
-def test_column_resizer_equals_whole_slice_resize(shape, size, columns):
-    """Columns arriving a group at a time give, bit for bit, what whole slices give."""
-    from preprocess.resize import ColumnResizer
-
-    rng = np.random.default_rng(sum(shape))
-    hu = np.asfortranarray(rng.integers(-1100, 1500, shape).astype(np.int16))
-    labels = np.asfortranarray(_labels_with_small_blobs(rng, shape))
-    resizer = ColumnResizer(*shape, size)
-    assert columns % resizer.fx == 0
-    for first in range(0, shape[2], columns):
-        resizer.add_labels(first, labels[:, :, first : first + columns])
-    np.testing.assert_array_equal(resizer.foreground, (labels > 0).any(axis=(1, 2)))
-    assert not resizer.bad_labels
-    lo, hi = 1, shape[0] - 1  # a span, as preprocessing resizes
-    resizer.start_images(lo, hi)
-    for first in range(0, shape[2], columns):
-        resizer.add_images(first, hu[:, :, first : first + columns], -512, 512)
-    np.testing.assert_array_equal(resizer.images(), window_and_resize(hu[lo:hi], -512, 512, size))
-    np.testing.assert_array_equal(resizer.masks(lo, hi), resize_masks(labels[lo:hi], size))
-
-
-def test_column_resizer_collects_labels_outside_0_1_2():
-    from preprocess.resize import ColumnResizer
-
-    labels = np.zeros((3, 8, 8), np.int16)
-    labels[1, 2, 3], labels[2, 0, 0] = 7, -1
-    resizer = ColumnResizer(3, 8, 8, 4)
-    resizer.add_labels(0, labels[:, :, :4])
-    resizer.add_labels(4, labels[:, :, 4:])
-    assert resizer.bad_labels == {7, -1}
-    with pytest.raises(ValueError, match="whole factors"):
-        ColumnResizer(3, 10, 8, 4)
+def test_resizes_take_a_rows_columns_shape():
+    """A (rows, columns) size gives that shape; a square one the same as the int size."""
+    rng = np.random.default_rng(5)
+    hu = np.asfortranarray(rng.integers(-1100, 1500, (6, 40, 60)).astype(np.int16))
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[:, 10:30, 20:50] = 1
+    labels[2, 15:17, 25:26] = 2
+    assert window_and_resize(hu, -512, 512, (20, 30)).shape == (6, 20, 30)
+    np.testing.assert_array_equal(
+        window_and_resize(hu, -512, 512, (16, 16)), window_and_resize(hu, -512, 512, 16)
+    )
+    np.testing.assert_array_equal(
+        resize_images(window_to_uint8(hu, -512, 512), (20, 30)),
+        window_and_resize(hu, -512, 512, (20, 30)),
+    )
+    small = resize_masks(labels, (10, 15))
+    assert small.shape == (6, 10, 15) and (small[2] == 2).sum() >= 1
+    np.testing.assert_array_equal(resize_masks(labels, (16, 16)), resize_masks(labels, 16))
+    assert resize_masks(labels[:0], (10, 15)).shape == (0, 10, 15)
