@@ -1,7 +1,10 @@
-"""Synthetic KiTS19-format data (preprocess.synthetic): format, determinism, CT plausibility."""
+"""Synthetic KiTS19-format data (preprocess.synthetic): format, determinism, CT plausibility,
+domain randomisation."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from scipy import ndimage
 
 from preprocess import synthetic
 from preprocess.kits import CaseError, case_name, kits_affine, spacing_from_affine
+from preprocess.synthetic.randomize import ASPECTS, PHASE_HU, PHASES, RandomizeConfig
 
 SMALL_LABELS = ROOT / "tests" / "data" / "kits19_labels_small"
 SMALL_IDS = [15, 61, 113]
@@ -91,7 +95,10 @@ def test_shrink_options_on_the_command_line(tmp_path: Path) -> None:
     sz, sy, sx = spacing_from_affine(src.affine)
     np.testing.assert_allclose(spacing_from_affine(affine), (sz, sy * 2, sx * 2), rtol=1e-5)
     assert (seg > 0).any()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["case_00061"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case_00061", "synthetic.json"]
+    entry = json.loads((tmp_path / "synthetic.json").read_text())["cases"]["case_00061"]
+    assert entry["source"] == "case_00061_segmentation.nii.gz" and entry["max_slices"] == 10
+    assert entry["randomize"] == {"mode": "none"} and entry["style"] == {}
 
 
 # ---- determinism --------------------------------------------------------------------------------
@@ -199,6 +206,131 @@ def test_ct_looks_like_contrast_enhanced_abdomen(analytic_dir: Path, labels_dir:
         assert ((others >= lo) & (others <= hi)).sum() > 5 * tumor.sum(), case_id
         assert _best_threshold_dice(ct[body], tumor[body]) < 0.5, case_id
     assert n_tumor_cases >= 4
+
+
+# ---- domain randomisation -----------------------------------------------------------------------
+# SHA-256 of the int16 CT arrays the renderer wrote before randomisation existed (ANALYTIC case
+# 203 and label map 113, seed 0): --randomize none must keep existing datasets bit for bit.
+NONE_SHA256 = {
+    203: "216244dce1a20d667220ca07c431d9f515a24be252e1eee9a38886152c2bdf4d",
+    113: "45dcf9ca7e7811ea34a9dc46f727eeb625b43f62742b0808553b4e7444928ee4",
+}
+FULL = RandomizeConfig("full")
+
+
+@pytest.fixture(scope="module")
+def randomized_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth_randomized")
+    ids = synthetic.generate(out, labels_dir=SMALL_LABELS, seed=0, randomize=FULL)
+    assert ids == SMALL_IDS
+    return out
+
+
+def test_randomize_none_reproduces_the_renderer(analytic_dir: Path, labels_dir: Path) -> None:
+    for folder, case_id in ((analytic_dir, 203), (labels_dir, 113)):
+        ct = np.ascontiguousarray(_read(folder, case_id)[0])
+        assert hashlib.sha256(ct.tobytes()).hexdigest() == NONE_SHA256[case_id], case_id
+    record = json.loads((labels_dir / "synthetic.json").read_text())
+    assert sorted(record["cases"]) == [case_name(c) for c in SMALL_IDS]
+    assert all(e["style"] == {} for e in record["cases"].values())
+
+
+def test_randomize_changes_the_look_and_keeps_the_labels(
+    randomized_dir: Path, labels_dir: Path
+) -> None:
+    record = json.loads((randomized_dir / "synthetic.json").read_text())["cases"]
+    kidney_means = []
+    for case_id in SMALL_IDS:
+        src = np.asarray(
+            nib.load(SMALL_LABELS / f"{case_name(case_id)}_segmentation.nii.gz").dataobj
+        )
+        ct, seg, _ = _read(randomized_dir, case_id)
+        ct0, seg0, _ = _read(labels_dir, case_id)
+        np.testing.assert_array_equal(seg, src)
+        np.testing.assert_array_equal(seg, seg0)
+        assert np.abs(ct.astype(np.float32) - ct0).mean() > 5.0, case_id
+        kidney_means.append(float(ct[seg == 1].mean()))
+        entry = record[case_name(case_id)]
+        assert entry["randomize"]["mode"] == "full" and entry["seed"] == 0
+        # the record is the style that made the case (drawn from (seed, case id) alone)
+        assert entry["style"] == json.loads(json.dumps(synthetic.case_style(FULL, 0, case_id)))
+    assert np.ptp(kidney_means) > 10.0, kidney_means  # cases differ in look, not just noise
+    styles = [synthetic.case_style(FULL, 0, c) for c in range(40)]
+    assert {s["phase"] for s in styles} == set(PHASES)
+    assert {s["tumor_kind"] for s in styles} == {"hypo", "iso", "hyper"}
+
+
+def test_style_is_deterministic_per_case_and_aspects_independent() -> None:
+    assert synthetic.case_style(FULL, 3, 7) == synthetic.case_style(FULL, 3, 7)
+    assert synthetic.case_style(FULL, 3, 7) != synthetic.case_style(FULL, 3, 8)
+    assert synthetic.case_style(FULL, 3, 7) != synthetic.case_style(FULL, 4, 7)
+    assert synthetic.case_style(RandomizeConfig(), 3, 7) == {}
+    whole = synthetic.case_style(FULL, 3, 7)
+    noise_only = synthetic.case_style(RandomizeConfig("full", aspects=("noise",)), 3, 7)
+    assert noise_only and noise_only == {k: whole[k] for k in noise_only}
+    with pytest.raises(CaseError, match="aspect"):
+        RandomizeConfig("full", aspects=("colour",))
+    with pytest.raises(CaseError, match="noise_hu"):
+        RandomizeConfig("full", noise_hu=(20.0, 10.0))
+
+
+def test_style_values_inside_their_ranges() -> None:
+    cfg = RandomizeConfig("full", noise_hu=(8.0, 12.0), blur_mm=(0.5, 0.6))
+    for case_id in range(200):
+        style = synthetic.case_style(cfg, 1, case_id)
+        ranges = PHASE_HU[style["phase"]]
+        assert ranges["hu_cortex"][0] <= style["hu_cortex"] <= ranges["hu_cortex"][1]
+        assert ranges["hu_aorta"][0] <= style["hu_aorta"] <= ranges["hu_aorta"][1]
+        assert 8.0 <= style["noise_hu"] <= 12.0 and 0.5 <= style["blur_mm"] <= 0.6
+        assert -130 <= style["hu_fat"] <= -70 and 30 <= style["hu_muscle"] <= 70
+        if style["tumor_kind"] == "hypo":
+            assert style["tumor_vs_kidney"] < -19
+
+
+def _cortex_median(ct: np.ndarray, seg: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    depth = _depth_mm(seg > 0, spacing)
+    return float(np.median(ct[(seg == 1) & (depth > 1.5) & (depth <= 3.5)]))
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_rendered_kidney_follows_the_drawn_phase(phase: str) -> None:
+    cfg = RandomizeConfig("full", aspects=("phase",), phases=(phase,))
+    labels, spacing = synthetic.analytic_case(9, 16, 128, synthetic.case_rng(0, 9))
+    for seed in (0, 1):
+        style = synthetic.case_style(cfg, seed, 9)
+        ct = synthetic.render_ct(labels, spacing, synthetic.case_rng(seed, 9), style)
+        lo, hi = PHASE_HU[phase]["hu_cortex"]
+        assert lo <= style["hu_cortex"] <= hi
+        assert abs(_cortex_median(ct, labels, spacing) - style["hu_cortex"]) < 25, (phase, seed)
+
+
+def test_rendered_noise_follows_the_drawn_level() -> None:
+    labels, spacing = synthetic.analytic_case(4, 8, 128, synthetic.case_rng(0, 4))
+    for level in (8.0, 35.0):
+        cfg = RandomizeConfig("full", aspects=("noise",), noise_hu=(level, level))
+        style = synthetic.case_style(cfg, 0, 4)
+        ct = synthetic.render_ct(labels, spacing, synthetic.case_rng(0, 4), style)
+        air = np.concatenate([ct[:, :8, :8], ct[:, :8, -8:]], axis=None)
+        assert abs(air.mean() + 1000) < 5 and abs(air.std() / level - 1.0) < 0.25, level
+
+
+def test_randomize_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_module(
+        "preprocess.synthetic",
+        "--out", tmp_path, "--n-cases", "1", "--slices", "4", "--size", "48", "--quiet",
+        "--randomize", "full", "--randomize-aspects", "phase,noise", "--phases", "arterial",
+        "--noise-hu", "5,6",
+    )  # fmt: skip
+    entry = json.loads((tmp_path / "synthetic.json").read_text())["cases"]["case_00000"]
+    assert entry["randomize"]["aspects"] == ["phase", "noise"]
+    assert entry["style"]["phase"] == "arterial" and 5 <= entry["style"]["noise_hu"] <= 6
+    assert "hu_fat" not in entry["style"]
+    for bad in (["--randomize", "most"], ["--randomize-aspects", "colour"], ["--noise-hu", "9"]):
+        with pytest.raises(SystemExit) as exc:
+            synthetic.main(["--out", str(tmp_path), *bad])
+        assert exc.value.code == 2
+        assert "error" in capsys.readouterr().err
+    assert set(ASPECTS) >= {"phase", "tumor", "noise", "blur", "kernel"}
 
 
 # ---- bad input ----------------------------------------------------------------------------------
