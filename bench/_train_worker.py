@@ -46,7 +46,8 @@ def one_model(spec: dict[str, Any], entry: dict[str, Any], hvd: Any, hvd_tf: Any
     import tf_keras as keras
 
     import models
-    from train.losses import get_loss, get_metrics
+    from train.losses import get_loss
+    from train.metrics import get_metrics
     from train.runtime import set_seeds
 
     rank = hvd.rank()

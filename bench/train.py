@@ -362,6 +362,7 @@ def _rate(iterator: Iterator[Any], batch_size: int, warmup: int, batches: int) -
 
 
 def run_pipeline(dataset: Path, batches: int) -> dict[str, Any]:
+    from preprocess.kits import N_CLASSES
     from train.data import make_dataset
 
     batch, workers = 64, 2
@@ -371,7 +372,7 @@ def run_pipeline(dataset: Path, batches: int) -> dict[str, Any]:
     gen.close()  # stops the thread pool before the next measurement
     print(f"  (b) BatchSource.batches: {raw['samples_per_s']:8.0f} samples/s", flush=True)
     source, _ = pipeline_source(dataset, batch, workers)
-    ds = make_dataset(source, 0, channels=3, n_classes=3)
+    ds = make_dataset(source, 0, channels=3, n_classes=N_CLASSES)
     it = iter(ds)
     tfdata = _rate(it, batch, warmup=10, batches=batches)
     del it, ds  # let the generator's workers go before the next measurement
@@ -446,7 +447,8 @@ def run_epoch(dataset: Path, steps: int, batch: int, quick: bool) -> dict[str, A
 
     import models
     from train.data import make_dataset
-    from train.losses import get_loss, get_metrics
+    from train.losses import get_loss
+    from train.metrics import get_metrics
     from train.runtime import set_seeds
 
     workers = 2

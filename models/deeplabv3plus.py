@@ -26,9 +26,9 @@ from models.layers import (
     aspp,
     conv_bn_relu,
     inverted_residual,
-    l2_regularizer,
     make_divisible,
     scaled,
+    segmentation_head,
     separable_conv_bn,
 )
 
@@ -112,9 +112,5 @@ def build_deeplabv3plus(
         x = keras.layers.Concatenate(name="decoder_concat")([x, skip])
         x = separable_conv_bn(x, scaled(256, width), name="decoder_conv1", l2=l2)
         x = separable_conv_bn(x, scaled(256, width), name="decoder_conv2", l2=l2)
-    x = keras.layers.Conv2D(n_classes, 1, kernel_regularizer=l2_regularizer(l2), name="classifier")(
-        x
-    )
-    x = ResizeLike(name="classifier_resize")([x, inputs])
-    outputs = keras.layers.Activation("softmax", name="softmax")(x)
+    outputs = segmentation_head(x, n_classes, l2=l2, resize_to=inputs)
     return keras.Model(inputs, outputs, name="deeplabv3plus")

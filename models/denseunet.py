@@ -26,13 +26,12 @@ thesis's code): at each of five 2x upsamplings the upsampled map is added to a 1
 import tf_keras as keras
 
 from models.layers import (
-    Tensor,
     bn_relu_conv,
     conv_bn_relu,
     dense_block,
     densenet_transition,
-    l2_regularizer,
     scaled,
+    segmentation_head,
     transition_down,
     transition_up,
 )
@@ -44,12 +43,6 @@ BIG_BLOCK_LAYERS = (6, 12, 24, 16)  # DenseNet-121
 BIG_GROWTH_RATE = 48
 BIG_STEM_FILTERS = 64
 BIG_DECODER_FILTERS = (1024, 768, 384, 192, 96, 64)
-
-
-def _classifier(x: Tensor, n_classes: int, l2: float) -> Tensor:
-    return keras.layers.Conv2D(
-        n_classes, 1, activation="softmax", kernel_regularizer=l2_regularizer(l2), name="classifier"
-    )(x)
 
 
 def build_denseunet_small(
@@ -88,7 +81,7 @@ def build_denseunet_small(
     x = bn_relu_conv(x, x.shape[-1] // 4, 1, name="final_reduce", l2=l2, use_bias=True)
     x = keras.layers.Concatenate(name="final_concat")([x, stem])
     x = dense_block(x, n, growth[0], name="final", l2=l2)
-    return keras.Model(inputs, _classifier(x, n_classes, l2), name="denseunet_s")
+    return keras.Model(inputs, segmentation_head(x, n_classes, l2=l2), name="denseunet_s")
 
 
 def build_denseunet_big(
@@ -134,4 +127,4 @@ def build_denseunet_big(
     x = conv_bn_relu(x, dec[-1], 3, name="up4_conv", l2=l2)
     if dropout > 0:
         x = keras.layers.Dropout(dropout, name="up4_drop")(x)
-    return keras.Model(inputs, _classifier(x, n_classes, l2), name="denseunet_b")
+    return keras.Model(inputs, segmentation_head(x, n_classes, l2=l2), name="denseunet_b")

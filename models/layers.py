@@ -93,6 +93,22 @@ class ResizeLike(layers.Layer):
         return {**super().get_config(), "interpolation": self.interpolation}
 
 
+def segmentation_head(
+    x: Tensor, n_classes: int, *, l2: float = 0.0, dims: int = 2, resize_to: Tensor | None = None
+) -> Tensor:
+    """The output head of every model: 1x1 classifier ``classifier``, softmax ``softmax``.
+
+    ``resize_to`` (2D) resizes the class scores to that tensor's spatial size before the softmax
+    (PSPNet and DeepLabv3+ classify at feature resolution). The softmax layer computes in
+    float32 whatever the global policy is: under mixed_float16 a float16 softmax of large logits
+    overflows or rounds to probabilities that do not sum to 1, which a later cast cannot repair.
+    """
+    x = _conv_cls(dims)(n_classes, 1, kernel_regularizer=l2_regularizer(l2), name="classifier")(x)
+    if resize_to is not None:
+        x = ResizeLike(name="classifier_resize")([x, resize_to])
+    return layers.Activation("softmax", dtype="float32", name="softmax")(x)
+
+
 # --------------------------------------------------------------------------------------------
 # Plain convolution units
 # --------------------------------------------------------------------------------------------

@@ -27,14 +27,13 @@ output is 1/8 of the input with 2048 channels (16x16x2048 for 128x128 input; the
 import tf_keras as keras
 
 from models.layers import (
-    ResizeLike,
     Tensor,
     conv_bn_relu,
     conv_relu_bn,
-    l2_regularizer,
     pyramid_pooling_module,
     resnet_stage,
     scaled,
+    segmentation_head,
 )
 
 PPM_POOL_SIZES = tuple(2 ** (4 - i) for i in range(4))  # (16, 8, 4, 2), thesis's 2^(4-i)
@@ -61,12 +60,8 @@ def _psp_head(
     x = conv_bn_relu(pyramid, filters, kernel_size, name="head", l2=l2)
     if dropout > 0:
         x = keras.layers.Dropout(dropout, name="head_drop")(x)
-    x = keras.layers.Conv2D(n_classes, 1, kernel_regularizer=l2_regularizer(l2), name="classifier")(
-        x
-    )
     # Classify at feature resolution, then resize the class scores to the input (as PSPNet does).
-    x = ResizeLike(name="classifier_resize")([x, inputs])
-    return keras.layers.Activation("softmax", name="softmax")(x)
+    return segmentation_head(x, n_classes, l2=l2, resize_to=inputs)
 
 
 def build_pspnet_small(

@@ -10,8 +10,8 @@ import tf_keras as keras
 
 from models.layers import (
     conv_relu_bn,
-    l2_regularizer,
     scaled,
+    segmentation_head,
     unet_decoder_block,
     unet_encoder_block,
 )
@@ -37,7 +37,4 @@ def build_unet2d(
     x = unet_decoder_block(x, skip1, f, name="dec1", l2=l2)
     # The thesis's narrow 10-channel layer before the classifier; not scaled by width.
     x = conv_relu_bn(x, 10, 3, name="head", l2=l2)
-    outputs = keras.layers.Conv2D(
-        n_classes, 1, activation="softmax", kernel_regularizer=l2_regularizer(l2), name="classifier"
-    )(x)
-    return keras.Model(inputs, outputs, name="unet2d")
+    return keras.Model(inputs, segmentation_head(x, n_classes, l2=l2), name="unet2d")

@@ -11,7 +11,7 @@ A 1x1x1 softmax classifier. Required stride: 8 on depth, height and width.
 
 import tf_keras as keras
 
-from models.layers import l2_regularizer, residual_concat_block, scaled
+from models.layers import l2_regularizer, residual_concat_block, scaled, segmentation_head
 
 DEPTH = 3
 
@@ -45,7 +45,4 @@ def build_unet3d(
         )(x)
         x = keras.layers.Concatenate(name=f"dec{i + 1}_skip_concat")([up, skips[i]])
         x, _ = residual_concat_block(x, f * 2**i, name=f"dec{i + 1}", l2=l2, bn_last=False)
-    outputs = keras.layers.Conv3D(
-        n_classes, 1, activation="softmax", kernel_regularizer=l2_regularizer(l2), name="classifier"
-    )(x)
-    return keras.Model(inputs, outputs, name="unet3d")
+    return keras.Model(inputs, segmentation_head(x, n_classes, l2=l2, dims=3), name="unet3d")

@@ -11,6 +11,7 @@ from train.data import (
     EpochPlan,
     RankShards,
     build_feed,
+    check_mix_compatible,
     oversampled_length,
     rank_shard_indices,
 )
@@ -49,6 +50,7 @@ def _shards(n=12, size=16):
         masks=rng.integers(0, 3, (n, size, size), dtype=np.uint8),
         sample_ids=np.arange(100, 100 + n),
         has_tumor=np.arange(n) % 3 == 0,
+        is_padding=np.zeros(n, bool),
         files=[],
     )
 
@@ -85,3 +87,48 @@ def test_make_dataset_gives_model_inputs(simple_kits, tmp_path):
     np.testing.assert_array_equal(x.numpy()[..., 0], x.numpy()[..., 2])
     with pytest.raises(DataError, match="exceeds"):
         build_feed(out, rank=0, size=2, batch_size=10_000, tumor_factor=1.0, augment=None, seed=0)
+
+
+def test_validation_reads_every_real_sample_once_with_a_partial_last_batch(simple_kits, tmp_path):
+    import h5py
+
+    out = preprocess_small(simple_kits, tmp_path / "ds", shards=4)  # 14 val samples: 2 padding
+    padding = 0
+    for rank in (0, 1):
+        feed = build_feed(out, rank, 2, batch_size=4, tumor_factor=1.0, augment=None, seed=0)
+        real = []
+        for shard in (rank, rank + 2):
+            with h5py.File(out / "val" / f"shard_0000{shard}.h5") as h5:
+                real += h5["sample_ids"][()][~h5["is_padding"][()]].tolist()
+                padding += int(h5["is_padding"][()].sum())
+        val = feed.val
+        assert val.steps_per_epoch == -(-len(real) // val.batch_size)
+        batches = list(val.batches(0, 1))
+        assert sum(len(images) for images, _ in batches) == len(real)
+        assert not val.shards.is_padding.any()
+        np.testing.assert_array_equal(np.sort(val.shards.sample_ids), np.sort(real))
+    assert padding == 2
+
+
+def test_mixed_epochs_draw_the_stated_fraction(simple_kits, tmp_path):
+    from preprocess.dataset_format import load_manifest
+
+    out = preprocess_small(simple_kits, tmp_path / "ds")
+    feed = build_feed(
+        out, 0, 2, 4, 1.0, None, seed=0, mix_dir=out, mix_fraction=0.25, check_sha256=False
+    )
+    source = feed.train
+    length = source.steps_per_epoch * 4
+    assert source.plan.epoch_length == length  # whole batches only
+    orders = [source.plan.indices(epoch) for epoch in range(3)]
+    for order in orders:
+        assert source.shards.from_mix[order].sum() == round(0.25 * length)
+    assert not np.array_equal(orders[0], orders[1])
+    # the validation split stays on --data
+    assert not feed.val.shards.from_mix.any()
+    manifest = load_manifest(out)
+    other = {**manifest, "image_size": 64}
+    with pytest.raises(DataError, match="--mix-data elsewhere: image_size 64 differs"):
+        check_mix_compatible(manifest, other, "elsewhere")
+    with pytest.raises(DataError, match="strictly between 0 and 1"):
+        build_feed(out, 0, 2, 4, 1.0, None, seed=0, mix_dir=out, mix_fraction=1.0)

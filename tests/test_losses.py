@@ -10,7 +10,7 @@ Soft counts per class (TP = sum y p, FP = sum (1-y) p, FN = sum y (1-p)):
     background: y = (1,0,0,0), p = (.7,.1,.2,.5): TP = .7,          FP = .1+.2+.5 = .8, FN = .3
     kidney:     y = (0,1,0,1), p = (.2,.8,.2,.3): TP = .8+.3 = 1.1, FP = .2+.2 = .4, FN = .2+.7 = .9
     tumor:      y = (0,0,1,0), p = (.1,.1,.6,.2): TP = .6,          FP = .1+.1+.2 = .4, FN = .4
-Hard counts (argmax): background TP 1 FP 1 FN 0; kidney TP 1 FP 0 FN 1; tumor TP 1 FP 0 FN 0.
+The metrics (train/metrics.py) have tests of their own (tests/test_metrics.py).
 """
 
 from __future__ import annotations
@@ -58,15 +58,6 @@ def test_soft_confusion_hand_values():
     close(tp, [0.7, 1.1, 0.6])
     close(fp, [0.8, 0.4, 0.4])
     close(fn, [0.3, 0.9, 0.4])
-    tp_s, _, _ = L.soft_confusion(Y_TRUE, Y_PRED, per_sample=True)
-    assert tuple(tp_s.shape) == (1, 3)
-
-
-def test_hard_confusion_hand_values():
-    tp, fp, fn = L.hard_confusion(Y_TRUE, Y_PRED)
-    close(tp, [1, 1, 1])
-    close(fp, [1, 0, 0])
-    close(fn, [0, 1, 0])
 
 
 # ------------------------------------------------------------------ losses, hand-computed
@@ -219,130 +210,9 @@ def test_perfect_prediction():
     close(L.tversky_loss(0.3, 0.7)(y_true, y_true), 0.0)
     close(L.crossentropy_loss()(y_true, y_true), [0.0])
     close(L.focal_loss()(y_true, y_true), [0.0])
-    for metric in L.get_metrics(W):
-        close(metric(y_true, y_true), 1.0)
-    close(L.soft_weighted_jaccard(W)(y_true, y_true), 1.0)
     # no tumour anywhere, predicted perfectly: smoothed loss still 0 (absent class scores 1)
     no_tumor = np.eye(3, dtype=np.float32)[np.array([[0, 1], [1, 0]])][None]
     close(L.dice_loss()(no_tumor, no_tumor), 0.0)
-
-
-# ------------------------------------------------------------------ metrics
-
-
-def test_hard_metrics_hand_values():
-    # JC: bg 1 / (1 + 1 + 0) = .5, kidney 1 / (1 + 0 + 1) = .5, tumor 1 / 1 = 1
-    # JC_w (1, 2, 3) = (.5 + 2 * .5 + 3 * 1) / 6 = .75; uniform (.5 + .5 + 1) / 3 = .6666667
-    close(L.weighted_jaccard(W)(Y_TRUE, Y_PRED), 0.75)
-    close(L.weighted_jaccard()(Y_TRUE, Y_PRED), 2 / 3)
-    # Dice kidney 2 / (2 + 0 + 1) = .6666667, tumor 1
-    close(L.dice_kidney(Y_TRUE, Y_PRED), 2 / 3)
-    close(L.dice_tumor(Y_TRUE, Y_PRED), 1.0)
-    close(L.jaccard_kidney(Y_TRUE, Y_PRED), 0.5)
-    close(L.jaccard_tumor(Y_TRUE, Y_PRED), 1.0)
-    close(L.dice_metric(0)(Y_TRUE, Y_PRED), 2 / 3)
-    close(L.jaccard_metric(0)(Y_TRUE, Y_PRED), 0.5)
-
-
-def test_soft_weighted_jaccard_hand_value():
-    # (.3888889 + 2 * .4583333 + 3 * .4285714) / 6 = 2.5912698 / 6 = .4318783
-    close(L.soft_weighted_jaccard(W, smooth=0.0)(Y_TRUE, Y_PRED), 0.4318783)
-
-
-def test_metric_names():
-    names = [m.__name__ for m in L.get_metrics(W)]
-    assert names == [
-        "weighted_jaccard",
-        "dice_kidney",
-        "dice_tumor",
-        "jaccard_kidney",
-        "jaccard_tumor",
-    ]
-    assert L.soft_weighted_jaccard().__name__ == "soft_weighted_jaccard"
-    assert L.precision_metric(2).__name__ == "precision_tumor"
-    assert L.recall_metric(1).__name__ == "recall_kidney"
-
-
-def test_absent_class_in_batch():
-    no_tumor = np.eye(3, dtype=np.float32)[np.array([[0, 1], [1, 0]])][None]
-    # tumour absent from truth and prediction -> 1.0
-    close(L.dice_tumor(no_tumor, no_tumor), 1.0)
-    close(L.jaccard_tumor(no_tumor, no_tumor), 1.0)
-    # tumour predicted at one pixel but absent from the truth -> TP 0, FP 1 -> 0.0
-    pred = no_tumor.copy()
-    pred[0, 0, 0] = [0.1, 0.1, 0.8]
-    close(L.dice_tumor(no_tumor, pred), 0.0)
-    close(L.jaccard_tumor(no_tumor, pred), 0.0)
-    # JC_w uniform: bg TP 1 FP 0 FN 1 -> .5, kidney 1, tumor 0 -> .5
-    close(L.weighted_jaccard()(no_tumor, pred), 0.5)
-    assert L.np_dice(np.zeros((3, 3)), np.zeros((3, 3)), 2) == 1.0
-    assert L.np_jaccard(np.zeros((3, 3)), np.eye(3) * 2, 2) == 0.0
-
-
-def test_precision_recall_formula_is_corrected():
-    # thesis eq. 2.2 would give (TP + FP) / TP = 4 / 3; correct precision is TP / (TP + FP) = .75
-    tp, fp, fn = tf.constant([3.0]), tf.constant([1.0]), tf.constant([2.0])
-    close(L.precision_from_confusion(tp, fp, fn), [0.75])
-    close(L.recall_from_confusion(tp, fp, fn), [0.6])  # 3 / (3 + 2)
-    # hand case: kidney TP 1 FP 0 FN 1 -> precision 1, recall .5;
-    # background TP 1 FP 1 FN 0 -> precision .5, recall 1; tumor 1 and 1
-    close(L.precision_metric(1)(Y_TRUE, Y_PRED), 1.0)
-    close(L.recall_metric(1)(Y_TRUE, Y_PRED), 0.5)
-    close(L.precision_metric(0)(Y_TRUE, Y_PRED), 0.5)
-    close(L.recall_metric(0)(Y_TRUE, Y_PRED), 1.0)
-    # foreground mean: precision (1 + 1) / 2 = 1, recall (.5 + 1) / 2 = .75
-    close(L.precision(Y_TRUE, Y_PRED), 1.0)
-    close(L.recall(Y_TRUE, Y_PRED), 0.75)
-    assert "(TP + FP) / TP" in L.precision.__doc__
-    # NumPy versions: labels [0 1 2 1] vs argmax [0 1 2 0]
-    t, p = LABELS.reshape(-1), np.array([0, 1, 2, 0])
-    assert L.np_precision(t, p, 0) == pytest.approx(0.5)
-    assert L.np_recall(t, p, 1) == pytest.approx(0.5)
-    assert L.np_precision(t, p, 1) == pytest.approx(1.0)
-    # nothing predicted, nothing there -> 1; nothing predicted but present -> 0
-    assert L.np_precision(t, t, 3) == 1.0
-    assert L.np_precision(t, np.zeros_like(t), 1) == 0.0
-    assert L.np_recall(t, np.full_like(t, 3), 3) == 0.0
-
-
-# ------------------------------------------------------------------ NumPy metrics
-
-
-def test_numpy_metrics_hand_values():
-    t, p = LABELS.reshape(-1), np.array([0, 1, 2, 0])
-    assert L.np_weighted_jaccard(t, p, W) == pytest.approx(0.75)
-    # kidney + tumour region (label > 0): truth pixels {1, 2, 3}, prediction {1, 2}
-    # TP 2 FP 0 FN 1 -> Dice 4 / 5, Jaccard 2 / 3
-    assert L.np_dice(t, p, {1, 2}) == pytest.approx(0.8)
-    assert L.np_jaccard(t, p, [1, 2]) == pytest.approx(2 / 3)
-    assert L.np_dice(t, p, 2) == pytest.approx(1.0)
-    assert L.np_confusion(t, p, 1) == (1, 0, 1)
-    cm = L.np_confusion_matrix(t, p)
-    np.testing.assert_array_equal(cm, [[1, 0, 0], [1, 1, 0], [0, 0, 1]])
-    np.testing.assert_allclose(L.np_jaccard_per_class(cm), [0.5, 0.5, 1.0])
-    np.testing.assert_allclose(L.np_dice_per_class(cm), [2 / 3, 2 / 3, 1.0])
-    with pytest.raises(ValueError):
-        L.np_dice(t, p[:3], 1)
-    with pytest.raises(ValueError):
-        L.np_confusion_matrix(t, np.array([0, 1, 2, 3]))
-
-
-def test_numpy_metrics_match_keras_metrics_3d():
-    y_true, y_pred = random_pair((2, 3, 6, 5, 3), seed=5, scale=1.0)
-    t, p = y_true.argmax(-1), y_pred.argmax(-1)
-    assert L.np_weighted_jaccard(t, p, W) == pytest.approx(
-        val(L.weighted_jaccard(W)(y_true, y_pred)), abs=1e-6
-    )
-    assert L.np_dice(t, p, 1) == pytest.approx(val(L.dice_kidney(y_true, y_pred)), abs=1e-6)
-    assert L.np_jaccard(t, p, 2) == pytest.approx(val(L.jaccard_tumor(y_true, y_pred)), abs=1e-6)
-
-
-def test_numpy_metrics_do_not_use_tensorflow(monkeypatch):
-    monkeypatch.setattr(L, "tf", None)  # any TensorFlow call would raise AttributeError
-    t, p = LABELS.reshape(-1), np.array([0, 1, 2, 0])
-    assert L.np_weighted_jaccard(t, p, W) == pytest.approx(0.75)
-    assert L.np_dice(t, p, {1, 2}) == pytest.approx(0.8)
-    assert L.np_precision(t, p, 1) == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------ shapes, dtypes, gradients
@@ -451,13 +321,11 @@ def test_invalid_weights():
     with pytest.raises(ValueError):
         L.weighted_dice_loss([1.0, -1.0, 1.0])
     with pytest.raises(ValueError):
-        L.weighted_jaccard([0.0, 0.0, 0.0])
-    with pytest.raises(ValueError):
         L.weighted_dice_loss([1.0, 2.0])(Y_TRUE, Y_PRED)  # 2 weights, 3 classes
     with pytest.raises(ValueError):
         L.balanced_bce_loss(1.5)
     with pytest.raises(ValueError):
-        L.np_weighted_jaccard(LABELS, LABELS, [1.0, math.nan, 1.0])
+        L.weighted_dice_loss([1.0, math.nan, 1.0])
 
 
 # ------------------------------------------------------------------ Keras integration
@@ -473,24 +341,13 @@ def test_keras_compile_fit_evaluate():
     inp = keras.Input((4, 4, 1))
     out = keras.layers.Conv2D(3, 1, activation="softmax")(inp)
     model = keras.Model(inp, out)
-    model.compile(optimizer="adam", loss=L.get_loss("weighted_dice", W), metrics=L.get_metrics(W))
+    model.compile(optimizer="adam", loss=L.get_loss("weighted_dice", W))
     rng = np.random.default_rng(10)
     x = rng.random((4, 4, 4, 1)).astype(np.float32)
     y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, size=(4, 4, 4))]
     hist = model.fit(x, y, batch_size=2, epochs=1, verbose=0)
-    for key in (
-        "loss",
-        "weighted_jaccard",
-        "dice_kidney",
-        "dice_tumor",
-        "jaccard_kidney",
-        "jaccard_tumor",
-    ):
-        assert key in hist.history and np.isfinite(hist.history[key][0])
-    # evaluate on one batch: Keras's metric value equals the direct computation
+    assert np.isfinite(hist.history["loss"][0])
+    # evaluate on one batch: Keras's loss equals the direct computation
     results = model.evaluate(x, y, batch_size=4, verbose=0, return_dict=True)
     pred = model.predict(x, verbose=0)
-    assert results["weighted_jaccard"] == pytest.approx(
-        val(L.weighted_jaccard(W)(y, pred)), abs=1e-5
-    )
     assert results["loss"] == pytest.approx(val(L.weighted_dice_loss(W)(y, pred)), abs=1e-5)

@@ -17,6 +17,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before TensorFlow is import
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tf_keras as keras
 
 import models
@@ -131,6 +132,52 @@ def test_param_count_and_forward(name: str) -> None:
     assert np.all(np.isfinite(y)) and np.all(y >= 0)
     np.testing.assert_allclose(y.sum(axis=-1), 1.0, atol=1e-5)
     _free()
+
+
+@pytest.fixture
+def mixed_float16():
+    """The mixed_float16 global policy for one test, restored afterwards."""
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(before)
+        _free()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_softmax_is_float32_under_mixed_precision(name: str, mixed_float16: None) -> None:
+    """Under mixed_float16 the body computes in float16, the softmax layer itself in float32:
+    probabilities from extreme and from ordinary logits are finite float32 summing to 1 (a float16
+    softmax rounds each probability to 11 significant bits, so its sums miss 1 by up to ~1e-3)."""
+    shape, options = TRAIN_CASES[name]
+    model = models.build(name, shape, **options)
+    softmax = model.get_layer("softmax")
+    assert model.layers[-1] is softmax and softmax.compute_dtype == "float32"
+    assert model.get_layer("classifier").compute_dtype == "float16"
+    assert model.output.dtype == "float32"
+    classifier = model.get_layer("classifier")
+    kernel, bias = classifier.get_weights()
+    x, _ = _batch(shape, n=1)
+    # TensorFlow's CPU kernels lack float16 3D pooling; XLA has it (as GPUs do).
+    forward = tf.function(model, jit_compile=True) if models.is_3d(name) else model
+    # training=True: BatchNorm uses the batch's statistics. With the initial moving statistics
+    # (mean 0, variance 1) the untrained deep bodies (PSPNet_b) overflow float16 before the head.
+    # Extreme logits: near the float16 limit (65504), far apart.
+    classifier.set_weights([np.zeros_like(kernel), np.array([6e4, -6e4, 3e4], np.float32)])
+    extreme = forward(x, training=True)
+    # Ordinary logits whose probabilities are not all 0 or 1.
+    rng = np.random.default_rng(0)
+    classifier.set_weights([kernel, rng.uniform(-2, 2, bias.shape).astype(np.float32)])
+    ordinary = forward(x, training=True)
+    for y in (extreme, ordinary):
+        assert y.dtype == "float32"
+        y = y.numpy()
+        assert np.all(np.isfinite(y)) and np.all(y >= 0)
+        np.testing.assert_allclose(y.sum(axis=-1), 1.0, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(extreme.numpy().argmax(-1), 0)
 
 
 @pytest.mark.parametrize(

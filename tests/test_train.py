@@ -361,6 +361,26 @@ def test_help_lists_options():
     text = run_module("train.train", "--help").stdout
     for option in ("--resume", "--amp", "--xla", "--class-factors", "--tumor-factor", "--loss"):
         assert option in text
+    assert "--mix-data" in text and "--mix-fraction" in text
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--mix-data", "other"],
+        ["--mix-fraction", "0.3"],
+        ["--mix-data", "o", "--mix-fraction", "1"],
+    ],
+)
+def test_mix_options_go_together_and_take_a_fraction(extra, capsys):
+    from train.config import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--model", "unet2d", "--data", "d", "--out", "o", *extra])
+    assert exc.value.code == 2 and "--mix-" in capsys.readouterr().err
+    cfg = parse_args(["--model", "unet2d", "--data", "d", "--out", "o", "--mix-data", "m",
+                      "--mix-fraction", "0.3"])  # fmt: skip
+    assert (cfg.mix_data, cfg.mix_fraction) == ("m", 0.3)
 
 
 def test_bn_momentum_option_sets_every_batchnorm_layer():
@@ -416,3 +436,120 @@ def test_basic_info_names_what_each_earlier_session_changed():
         "earlier session: until epoch 5, with tumor_factor 1.0 (then changed)",
         "earlier session: until epoch 9, with the same options",
     ]
+
+
+def _val_predictions_by_rank(run_dir: Path, dataset: Path, batch_size: int) -> np.ndarray:
+    """Confusion matrix of the run's latest weights on every real val sample, predicted rank
+    by rank in the batches validation used (same batch shapes, same floating-point sums)."""
+    import models
+    from train.metrics import np_confusion_matrix
+
+    config = json.loads((run_dir / "config.json").read_text())
+    model = models.build(
+        config["model"],
+        tuple(config["input_shape"]),
+        config["n_classes"],
+        **config["model_options"],
+    )
+    model.load_weights(str(run_dir / "checkpoints" / "latest.weights.h5"))
+    cm = np.zeros((3, 3), np.int64)
+    shards = sorted((dataset / "val").glob("shard_*.h5"))
+    for rank in (0, 1):  # rank r reads shards r, r + 2, ...
+        parts = []
+        for shard in shards[rank::2]:
+            with h5py.File(shard) as h5:
+                real = ~h5["is_padding"][()]
+                parts.append((h5["images"][()][real], h5["masks"][()][real]))
+        images = np.concatenate([p[0] for p in parts])
+        masks = np.concatenate([p[1] for p in parts])
+        x = np.repeat((images.astype(np.float32) / 255.0)[..., None], 3, axis=-1)
+        predicted = model.predict(x, batch_size=min(batch_size, len(x)), verbose=0).argmax(-1)
+        cm += np_confusion_matrix(masks, predicted)
+    return cm
+
+
+def test_validation_metrics_pool_one_confusion_matrix_over_ranks(tiny_dataset, tmp_path):
+    """On 2 ranks the monitored val scores are those of one confusion matrix over every real
+    val sample of both ranks, the same as NumPy computes from the run's weights; Horovod's
+    metric averaging does not touch them. In 4 shards the 14 val samples come with 2 padding
+    repeats (left out), and the real ones do not fill whole batches of 4 on every rank (the
+    partial last batch counts)."""
+    from train.metrics import np_dice_per_class, np_weighted_jaccard_from_confusion
+
+    dataset = tmp_path / "four_shards"
+    preprocess_small(tiny_dataset.parent / "kits", dataset, shards=4)
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    val = manifest["splits"]["val"]
+    assert (val["n_samples"], val["n_real_samples"]) == (16, 14)
+    run_dir = tmp_path / "run"
+    proc = _train(MPIRUN, *TINY, "--data", dataset, "--out", run_dir, "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [row] = _history(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["validation_steps"] == 2
+    cm = _val_predictions_by_rank(run_dir, dataset, batch_size=4)
+    assert cm.sum() == 14 * 32 * 32
+    weights = config["class_weights"]
+    assert row["val_weighted_jaccard"] == pytest.approx(
+        np_weighted_jaccard_from_confusion(cm, weights), abs=1e-6
+    )
+    dice = np_dice_per_class(cm)
+    assert row["val_dice_kidney"] == pytest.approx(dice[1], abs=1e-6)
+    assert row["val_dice_tumor"] == pytest.approx(dice[2], abs=1e-6)
+    best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
+    assert best["value"] == pytest.approx(row["val_weighted_jaccard"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def second_dataset(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("mix_data")
+    kits = write_simple_kits(base / "kits", list(range(8)), n_slices=20, size=64, seed=7)
+    return preprocess_small(kits, base / "slices32")
+
+
+def test_mix_data_gives_the_stated_fraction_per_epoch(tiny_dataset, second_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _train(
+        MPIRUN,
+        *TINY,
+        "--data",
+        tiny_dataset,
+        "--out",
+        run_dir,
+        "--epochs",
+        "2",
+        "--record-samples",
+        "--mix-data",
+        second_dataset,
+        "--mix-fraction",
+        "0.25",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["train"]["mix_fraction"] == 0.25
+    assert (run_dir / config["mix_dataset"]["dir"]).resolve() == second_dataset.resolve()
+    assert config["mix_dataset"]["manifest_sha256"] == sha256_file(second_dataset / "manifest.json")
+    per_epoch = config["steps_per_epoch"] * 4  # samples per rank
+    samples = json.loads((run_dir / "samples.json").read_text())
+    assert sorted(samples) == ["1", "2"]
+    for r in (0, 1):
+        with h5py.File(second_dataset / "train" / f"shard_0000{r}.h5") as h5:
+            mix_own = set(h5["sample_ids"][()].tolist())
+        for epoch in ("1", "2"):
+            mixed, own = samples[epoch]["mix"][str(r)], samples[epoch][str(r)]
+            assert len(mixed) + len(own) == per_epoch
+            assert len(mixed) == round(0.25 * per_epoch)
+            assert set(mixed) <= mix_own  # each rank reads its own shard of the second set
+    assert samples["1"]["mix"]["0"] != samples["2"]["mix"]["0"]
+
+    # a second dataset preprocessed differently is refused before training
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(second_dataset, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["normalization"]["hu_min"] = -79.0
+    write_json_atomic(manifest, other / "manifest.json")
+    args = ("--data", tiny_dataset, "--out", tmp_path / "run2", "--epochs", "1")
+    proc = _train([], *TINY, *args, "--mix-data", other, "--mix-fraction", "0.5")
+    assert proc.returncode == 2 and f"--mix-data {other}: normalization" in proc.stderr

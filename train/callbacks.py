@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 import tf_keras as keras
 
 from preprocess.dataset_format import write_json_atomic
 from train import checkpoint
+from train.metrics import ConfusionMatrix, confusion_scores
 
 
 def maximise(monitor: str) -> bool:
@@ -104,18 +106,32 @@ class CheckpointCallback(keras.callbacks.Callback):
 
 
 class AverageNonTrainable(keras.callbacks.Callback):
-    """All ranks: average BatchNorm moving statistics across ranks at the end of each epoch.
+    """All ranks: average BatchNorm moving statistics across ranks after each training epoch.
 
     Horovod averages gradients, so trainable weights stay identical, but each rank updates its
     BatchNorm moving mean and variance from its own batches. Averaging them makes the saved
-    model's statistics those of all the data, and the ranks' weights identical.
+    model's statistics those of all the data, and the ranks' weights identical. It happens when
+    validation begins (so every rank validates the model that is saved), or at the epoch's end
+    when there is no validation.
     """
 
     def __init__(self, hvd_tf: Any) -> None:
         super().__init__()
         self.hvd_tf = hvd_tf
+        self.averaged = False
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.averaged = False
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        self.average()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if not self.averaged:
+            self.average()
+
+    def average(self) -> None:
+        self.averaged = True
         variables = self.model.non_trainable_variables
         if self.hvd_tf.size() == 1 or not variables:
             return
@@ -125,35 +141,92 @@ class AverageNonTrainable(keras.callbacks.Callback):
             )
 
 
-class StopCondition(keras.callbacks.Callback):
-    """All ranks: stop at a target metric value or past a time limit.
+class PooledValidation(keras.callbacks.Callback):
+    """All ranks: validation scores of the confusion matrix summed over the epoch and the ranks.
 
-    Every rank sees the same averaged metrics and the wall time is broadcast from rank 0, so the
-    ranks stop together (a rank that stopped alone would leave the others waiting).
+    The model's ``train.metrics.ConfusionMatrix`` holds, when validation ends, this rank's
+    matrix of the whole validation epoch; it is summed over the ranks (allreduce) and the scores
+    of the sum replace the ``val_`` entries of that metric in the epoch's logs. Place it after
+    Horovod's MetricAverageCallback (whose per-rank average it overrides) and before every
+    callback that reads the logs (plateau, early stopping, checkpoints, CSV, TensorBoard).
+    ``confusion`` keeps the last pooled matrix.
+    """
+
+    def __init__(self, hvd_tf: Any) -> None:
+        super().__init__()
+        self.hvd_tf = hvd_tf
+        self.scores: dict[str, float] | None = None
+        self.confusion: np.ndarray | None = None
+
+    def on_test_end(self, logs: dict | None = None) -> None:
+        [metric] = [m for m in self.model.metrics if isinstance(m, ConfusionMatrix)]
+        total = tf.convert_to_tensor(metric.confusion)
+        if self.hvd_tf.size() > 1:
+            total = self.hvd_tf.allreduce(total, op=self.hvd_tf.Sum, name="val_confusion")
+        self.confusion = np.asarray(total)
+        scores = confusion_scores(total, metric.class_weights)
+        self.scores = {f"val_{name}": float(value) for name, value in scores.items()}
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.scores is not None and logs is not None:
+            logs.update(self.scores)
+        self.scores = None
+
+
+class StopCondition(keras.callbacks.Callback):
+    """All ranks: stop at a target metric value, past a time limit, or before a deadline.
+
+    ``deadline`` (Unix time, e.g. a cluster job's walltime end minus its copy-back time): after
+    each epoch, training stops unless one more epoch as long as the longest so far ends before
+    it. An epoch is timed from the end of the previous one, so validation, checkpoint writing
+    and logging count too; the first epoch counts only until a second one is timed, as it also
+    holds the one-time tracing of the train and validation steps. Every rank sees the same
+    averaged metrics and rank 0's clock decides (broadcast), so the ranks stop together (a rank
+    that stopped alone would leave the others waiting). The checkpoint callback saves the last
+    epoch when training stops.
     """
 
     def __init__(
-        self, hvd_tf: Any, monitor: str, target: float | None, time_limit: float, log: Any
+        self,
+        hvd_tf: Any,
+        monitor: str,
+        target: float | None,
+        time_limit: float,
+        log: Any,
+        deadline: float = 0.0,
     ) -> None:
         super().__init__()
         self.hvd_tf = hvd_tf
         self.monitor = monitor
         self.target = target
         self.time_limit = time_limit
+        self.deadline = deadline
         self.log = log
         self.sign = 1.0 if maximise(monitor) else -1.0
         self.reason: str | None = None
+        self.epoch_seconds: list[float] = []
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self.t0 = time.perf_counter()
+        self.epoch_t0 = self.t0
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         value = (logs or {}).get(self.monitor)
         if self.target is not None and value is not None and self.sign * (value - self.target) >= 0:
             self.reason = f"{self.monitor} {value:.4f} reached the target {self.target}"
-        elapsed = self.hvd_tf.broadcast_object(time.perf_counter() - self.t0, root_rank=0)
+        now = time.perf_counter()
+        self.epoch_seconds.append(now - self.epoch_t0)
+        self.epoch_t0 = now
+        longest = max(self.epoch_seconds[1:] or self.epoch_seconds)
+        elapsed, left, longest = self.hvd_tf.broadcast_object(
+            (now - self.t0, self.deadline - time.time(), longest), root_rank=0
+        )
         if self.time_limit > 0 and elapsed > self.time_limit:
             self.reason = f"time limit {self.time_limit:.0f}s passed ({elapsed:.0f}s)"
+        if self.deadline > 0 and left < longest:
+            self.reason = (
+                f"the deadline is {left:.0f}s away, less than an epoch takes ({longest:.0f}s)"
+            )
         if self.reason:
             self.log.info(f"stopping after epoch {epoch + 1}: {self.reason}")
             self.model.stop_training = True
@@ -217,7 +290,9 @@ class SampleRecorder(keras.callbacks.Callback):
     """All ranks: gather the ids of the samples each rank trained on; rank 0 writes them.
 
     The ids are those the rank's batch source actually produced for the epoch, so the record
-    shows what each rank saw, not what it was meant to see.
+    shows what each rank saw, not what it was meant to see. ``samples.json``: ``{epoch: {rank:
+    ids}}``, and with ``--mix-data`` also ``{epoch: {"mix": {rank: ids}}}`` for the samples
+    drawn from the second dataset (ids are unique within a dataset, not across two).
     """
 
     def __init__(self, hvd: Any, source: Any, run_dir: Path) -> None:
@@ -231,10 +306,12 @@ class SampleRecorder(keras.callbacks.Callback):
             self.record = json.loads(path.read_text())
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        mine = self.source.produced_ids(epoch)
-        gathered = self.hvd.allgather_object(mine)
+        gathered = self.hvd.allgather_object(self.source.produced_ids(epoch))
         if self.hvd.rank() == 0:
-            self.record[str(epoch + 1)] = {str(r): ids for r, ids in enumerate(gathered)}
+            entry: dict[str, Any] = {str(r): ids for r, (ids, _) in enumerate(gathered)}
+            if any(mixed for _, mixed in gathered):
+                entry["mix"] = {str(r): mixed for r, (_, mixed) in enumerate(gathered)}
+            self.record[str(epoch + 1)] = entry
             write_json_atomic(self.record, self.run_dir / "samples.json")
 
 
@@ -243,16 +320,23 @@ class ProducedIds:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.by_epoch: dict[int, dict[int, list[int]]] = {}
+        self.by_epoch: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
 
-    def add(self, epoch: int, step: int, ids: np.ndarray) -> None:
+    def add(self, epoch: int, step: int, ids: np.ndarray, from_mix: np.ndarray) -> None:
         with self.lock:
-            self.by_epoch.setdefault(epoch, {})[step] = [int(i) for i in ids]
+            self.by_epoch.setdefault(epoch, {})[step] = (ids, from_mix)
 
-    def pop(self, epoch: int) -> list[int]:
+    def pop(self, epoch: int) -> tuple[list[int], list[int]]:
+        """The epoch's ids in production order: those of the dataset, those of the mixed one."""
         with self.lock:
             steps = self.by_epoch.pop(epoch, {})
-        return [i for step in sorted(steps) for i in steps[step]]
+        own: list[int] = []
+        mixed: list[int] = []
+        for step in sorted(steps):
+            ids, from_mix = steps[step]
+            own += [int(i) for i in ids[~from_mix]]
+            mixed += [int(i) for i in ids[from_mix]]
+        return own, mixed
 
 
 def _plain(value: Any) -> Any:

@@ -4,12 +4,16 @@
   hundred MB at most), with their checksums checked against the manifest.
 - ``EpochPlan``: the rank's sample order for an epoch, reshuffled per rank per epoch, with tumor
   samples oversampled; the epoch length comes from the manifest, so it is the same on every rank.
+  ``MixedPlan`` draws a set fraction of each epoch from a second dataset (``--mix-data``).
 - ``BatchSource``: batches built ahead of time by a thread pool (OpenCV releases the GIL), each
   sample with its own augmentation, deterministic for (seed, rank, epoch, batch).
 - ``make_dataset``: the tf.data wrapper that turns uint8 batches into model inputs (x / 255,
   repeated to the model's channels; one-hot masks) in TensorFlow's own threads.
 
-Only the train split is augmented; validation is read as stored.
+Only the train split is augmented. Validation reads every real sample of the rank's val shards
+once, as stored: the padding repeats that make shards equal are left out, and the last batch may
+be smaller, so the validation confusion matrix counts each real sample exactly once. Ranks may
+then run different numbers of validation steps; nothing collective happens during validation.
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ def rank_shard_indices(n_shards: int, rank: int, size: int, split: str) -> list[
     return list(range(rank, n_shards, size))
 
 
+FIELDS = ("images", "masks", "sample_ids", "has_tumor", "is_padding")
+
+
 @dataclass
 class RankShards:
     """One rank's part of a split, in memory."""
@@ -60,10 +67,41 @@ class RankShards:
     masks: np.ndarray  # uint8, same shape
     sample_ids: np.ndarray
     has_tumor: np.ndarray
+    is_padding: np.ndarray
     files: list[str]
+    from_mix: np.ndarray | None = None  # True for samples of the --mix-data dataset
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def __post_init__(self) -> None:
+        if self.from_mix is None:
+            self.from_mix = np.zeros(len(self.images), bool)
+
+    def subset(self, index: np.ndarray) -> RankShards:
+        """The samples at ``index`` (a copy)."""
+        return RankShards(
+            images=self.images[index],
+            masks=self.masks[index],
+            sample_ids=self.sample_ids[index],
+            has_tumor=self.has_tumor[index],
+            is_padding=self.is_padding[index],
+            files=self.files,
+            from_mix=self.from_mix[index],
+        )
+
+    @classmethod
+    def concatenate(cls, first: RankShards, second: RankShards) -> RankShards:
+        """``first``'s samples, then ``second``'s, which are flagged ``from_mix``."""
+        return cls(
+            images=np.concatenate([first.images, second.images]),
+            masks=np.concatenate([first.masks, second.masks]),
+            sample_ids=np.concatenate([first.sample_ids, second.sample_ids]),
+            has_tumor=np.concatenate([first.has_tumor, second.has_tumor]),
+            is_padding=np.concatenate([first.is_padding, second.is_padding]),
+            files=first.files + second.files,
+            from_mix=np.concatenate([first.from_mix, np.ones(len(second), bool)]),
+        )
 
     @classmethod
     def load(
@@ -90,12 +128,9 @@ class RankShards:
                     f"{path}: SHA-256 differs from the manifest (corrupted or modified shard); "
                     f"run python -m preprocess.verify {dataset_dir}"
                 )
-            parts.append(read_shard(path, ("images", "masks", "sample_ids", "has_tumor")))
+            parts.append(read_shard(path, FIELDS))
         return cls(
-            images=np.concatenate([p["images"] for p in parts]),
-            masks=np.concatenate([p["masks"] for p in parts]),
-            sample_ids=np.concatenate([p["sample_ids"] for p in parts]),
-            has_tumor=np.concatenate([p["has_tumor"] for p in parts]),
+            **{field: np.concatenate([p[field] for p in parts]) for field in FIELDS},
             files=[str(paths[i]) for i in rank_shard_indices(len(paths), rank, size, split)],
         )
 
@@ -145,19 +180,45 @@ class EpochPlan:
         return order[: self.epoch_length]
 
 
+class MixedPlan:
+    """An epoch of ``epoch_length`` samples of which ``mix.epoch_length`` come from a second
+    dataset: ``main``'s and ``mix``'s orders for the epoch, shuffled together.
+
+    Indices of ``mix``'s samples are offset by ``offset`` (where they start in the combined
+    ``RankShards``).
+    """
+
+    def __init__(self, main: EpochPlan, mix: EpochPlan, offset: int, seed: int, rank: int) -> None:
+        self.main = main
+        self.mix = mix
+        self.offset = offset
+        self.seed = seed
+        self.rank = rank
+        self.epoch_length = main.epoch_length + mix.epoch_length
+
+    def indices(self, epoch: int) -> np.ndarray:
+        order = np.concatenate([self.main.indices(epoch), self.offset + self.mix.indices(epoch)])
+        return np.random.default_rng([self.seed, self.rank, epoch, 0x313C]).permutation(order)
+
+
 class BatchSource:
-    """Yields (images, masks) uint8 batches for epochs [first_epoch, last_epoch), prefetched."""
+    """Yields (images, masks) uint8 batches for epochs [first_epoch, last_epoch), prefetched.
+
+    ``drop_remainder`` (training) keeps whole batches only; without it (validation) the last
+    batch holds the rest of the epoch.
+    """
 
     def __init__(
         self,
         shards: RankShards,
-        plan: EpochPlan,
+        plan: EpochPlan | MixedPlan,
         batch_size: int,
         augment: AugmentConfig | None,
         seed: int,
         rank: int,
         workers: int = 2,
         prefetch: int = 8,
+        drop_remainder: bool = True,
     ) -> None:
         self.shards = shards
         self.plan = plan
@@ -167,23 +228,19 @@ class BatchSource:
         self.rank = rank
         self.workers = max(1, workers)
         self.prefetch = max(1, prefetch)
-        self.steps_per_epoch = plan.epoch_length // batch_size
+        if drop_remainder:
+            self.steps_per_epoch = plan.epoch_length // batch_size
+        else:
+            self.steps_per_epoch = -(-plan.epoch_length // batch_size)
         self.recorder: Any = None  # train.callbacks.ProducedIds, when sample ids are recorded
 
     def limit_steps(self, max_steps: int) -> None:
         if max_steps > 0:
             self.steps_per_epoch = min(self.steps_per_epoch, max_steps)
 
-    def produced_ids(self, epoch: int) -> list[int]:
-        return self.recorder.pop(epoch) if self.recorder is not None else []
-
-    def batch_indices(self, epoch: int, step: int) -> np.ndarray:
-        order = self.plan.indices(epoch)
-        return order[step * self.batch_size : (step + 1) * self.batch_size]
-
-    def epoch_sample_ids(self, epoch: int) -> np.ndarray:
-        order = self.plan.indices(epoch)[: self.steps_per_epoch * self.batch_size]
-        return self.shards.sample_ids[order]
+    def produced_ids(self, epoch: int) -> tuple[list[int], list[int]]:
+        """Ids of the samples produced for ``epoch``: from the dataset, from the mixed one."""
+        return self.recorder.pop(epoch) if self.recorder is not None else ([], [])
 
     def make_batch(
         self, epoch: int, step: int, order: np.ndarray | None = None
@@ -194,7 +251,7 @@ class BatchSource:
         images = self.shards.images[idx]
         masks = self.shards.masks[idx]
         if self.recorder is not None:
-            self.recorder.add(epoch, step, self.shards.sample_ids[idx])
+            self.recorder.add(epoch, step, self.shards.sample_ids[idx], self.shards.from_mix[idx])
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.rank, epoch, step])
             images, masks = augment_batch(images, masks, rng, self.augment)
@@ -258,6 +315,98 @@ class Feed:
     val: BatchSource
     manifest: dict[str, Any]
     sample_shape: tuple[int, ...]
+    mix_manifest: dict[str, Any] | None = None
+
+
+#: Manifest entries a mixed-in dataset must share with the main one (same model input).
+MIX_MUST_MATCH = ("kind", "image_size", "block_depth", "channels", "normalization")
+
+
+def check_mix_compatible(
+    manifest: dict[str, Any], mix_manifest: dict[str, Any], mix_dir: str | Path
+) -> None:
+    """The second dataset must give the model the same input as the first; DataError if not."""
+    for key in MIX_MUST_MATCH:
+        if manifest.get(key) != mix_manifest.get(key):
+            raise DataError(
+                f"--mix-data {mix_dir}: {key} {mix_manifest.get(key)!r} differs from --data's "
+                f"{manifest.get(key)!r} (both datasets must be preprocessed alike)"
+            )
+
+
+def _tumor_fraction(manifest: dict[str, Any]) -> float:
+    info = manifest["splits"]["train"]
+    return info["n_tumor_samples"] / max(info["n_real_samples"], 1)
+
+
+def _train_plan(
+    shards: RankShards,
+    manifest: dict[str, Any],
+    tumor_factor: float,
+    seed: int,
+    rank: int,
+    batch_size: int,
+    size: int,
+) -> EpochPlan:
+    # From the samples this rank actually holds: unequal shards then show up as unequal steps,
+    # which the ranks compare before training.
+    epoch_length = oversampled_length(len(shards), _tumor_fraction(manifest), tumor_factor)
+    if epoch_length < batch_size:
+        raise DataError(
+            f"batch size {batch_size} exceeds the {epoch_length} training samples per rank "
+            f"({size} ranks); lower --batch-size or use fewer ranks"
+        )
+    return EpochPlan(len(shards), shards.has_tumor, epoch_length, tumor_factor, seed, rank)
+
+
+def _mixed_train(
+    train: RankShards,
+    plan: EpochPlan,
+    mix: RankShards,
+    mix_fraction: float,
+    tumor_factor: float,
+    batch_size: int,
+) -> tuple[RankShards, MixedPlan]:
+    """Whole batches of the epoch's length, ``mix_fraction`` of them (rounded) from ``mix``."""
+    if not 0.0 < mix_fraction < 1.0:
+        raise DataError(f"--mix-fraction must lie strictly between 0 and 1; got {mix_fraction}")
+    epoch_length = plan.epoch_length // batch_size * batch_size
+    n_mix = int(round(mix_fraction * epoch_length))
+    if not 0 < n_mix < epoch_length:
+        raise DataError(
+            f"--mix-fraction {mix_fraction} of an epoch of {epoch_length} samples per rank "
+            f"leaves one of the two datasets without a sample; choose a fraction nearer 0.5"
+        )
+    main = EpochPlan(
+        len(train), train.has_tumor, epoch_length - n_mix, tumor_factor, plan.seed, plan.rank
+    )
+    # the second dataset's own order: a seed of its own, so it does not repeat the first's
+    mix_plan = EpochPlan(len(mix), mix.has_tumor, n_mix, tumor_factor, plan.seed + 1, plan.rank)
+    combined = RankShards.concatenate(train, mix)
+    return combined, MixedPlan(main, mix_plan, len(train), plan.seed, plan.rank)
+
+
+def _val_source(
+    dataset_dir: str | Path,
+    manifest: dict[str, Any],
+    rank: int,
+    size: int,
+    batch_size: int,
+    seed: int,
+    check_sha256: bool,
+) -> BatchSource:
+    """This rank's real validation samples (padding left out), each once, the last batch partial."""
+    val = RankShards.load(dataset_dir, "val", rank, size, manifest, check_sha256)
+    val = val.subset(np.flatnonzero(~val.is_padding))
+    if len(val) == 0:
+        raise DataError(
+            f"{dataset_dir}: the val shards of rank {rank} hold only padding (fewer real "
+            f"validation samples than shards); re-run preprocessing with fewer --shards"
+        )
+    plan = EpochPlan(len(val), val.has_tumor, len(val), 1.0, seed, rank, shuffle=False)
+    return BatchSource(
+        val, plan, min(batch_size, len(val)), None, seed, rank, workers=1, drop_remainder=False
+    )
 
 
 def build_feed(
@@ -270,37 +419,32 @@ def build_feed(
     seed: int,
     workers: int = 2,
     check_sha256: bool = True,
+    mix_dir: str | Path | None = None,
+    mix_fraction: float = 0.0,
 ) -> Feed:
-    """Load this rank's train and val shards and set up their batch sources."""
+    """Load this rank's train and val shards and set up their batch sources.
+
+    With ``mix_dir``, ``mix_fraction`` of every training epoch comes from that dataset's train
+    split (read by the ranks as ``dataset_dir``'s is); validation stays on ``dataset_dir``.
+    """
     manifest = load_manifest(dataset_dir)
     train = RankShards.load(dataset_dir, "train", rank, size, manifest, check_sha256)
-    val = RankShards.load(dataset_dir, "val", rank, size, manifest, check_sha256)
-    info = manifest["splits"]["train"]
-    tumor_fraction = info["n_tumor_samples"] / max(info["n_real_samples"], 1)
-    # From the samples this rank actually holds: unequal shards then show up as unequal steps,
-    # which the ranks compare before training (train.runtime.agree_on_steps).
-    epoch_length = oversampled_length(len(train), tumor_fraction, tumor_factor)
-    if epoch_length < batch_size:
-        raise DataError(
-            f"batch size {batch_size} exceeds the {epoch_length} training samples per rank "
-            f"({size} ranks); lower --batch-size or use fewer ranks"
-        )
-    train_plan = EpochPlan(len(train), train.has_tumor, epoch_length, tumor_factor, seed, rank)
-    val_batch = min(batch_size, len(val))
-    val_plan = EpochPlan(len(val), val.has_tumor, len(val), 1.0, seed, rank, shuffle=False)
+    plan: EpochPlan | MixedPlan = _train_plan(
+        train, manifest, tumor_factor, seed, rank, batch_size, size
+    )
+    mix_manifest = None
+    if mix_dir is not None:
+        mix_manifest = load_manifest(mix_dir)
+        check_mix_compatible(manifest, mix_manifest, mix_dir)
+        try:
+            mix = RankShards.load(mix_dir, "train", rank, size, mix_manifest, check_sha256)
+        except DataError as exc:
+            raise DataError(f"--mix-data {mix_dir}: {exc}") from exc
+        train, plan = _mixed_train(train, plan, mix, mix_fraction, tumor_factor, batch_size)
     return Feed(
-        train=BatchSource(train, train_plan, batch_size, augment, seed, rank, workers),
-        val=BatchSource(val, val_plan, val_batch, None, seed, rank, workers=1),
+        train=BatchSource(train, plan, batch_size, augment, seed, rank, workers),
+        val=_val_source(dataset_dir, manifest, rank, size, batch_size, seed, check_sha256),
         manifest=manifest,
         sample_shape=tuple(train.images.shape[1:]),
+        mix_manifest=mix_manifest,
     )
-
-
-def steps_summary(feed: Feed) -> dict[str, int]:
-    return {
-        "train_samples_local": len(feed.train.shards),
-        "train_steps": feed.train.steps_per_epoch,
-        "val_samples_local": len(feed.val.shards),
-        "val_steps": feed.val.steps_per_epoch,
-        "epoch_length": feed.train.plan.epoch_length,
-    }

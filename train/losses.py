@@ -1,17 +1,17 @@
-"""Loss functions and metrics of the suite (thesis section 3.6, used as in sections 5.3-5.5).
+"""Loss functions of the suite (thesis section 3.6, used as in sections 5.3-5.5); ``get_loss``.
 
-Conventions (see ARCHITECTURE.md):
+The metrics (JC_w, per-class Dice and Jaccard from a pooled confusion matrix) are in
+``train.metrics``. Conventions (see ARCHITECTURE.md):
 
 - ``y_true`` is one-hot, float, shape ``(B, ..., C)``; ``y_pred`` holds softmax probabilities of
   the same shape. Channel order: 0 background, 1 kidney, 2 tumor. Everything works for 2D
   ``(B, H, W, C)`` and 3D ``(B, D, H, W, C)`` tensors (reductions use the dynamic rank).
-- Both inputs are cast to float32 first, so a mixed-precision (float16) model output is fine.
+- Both inputs are cast to float32 first, so a float16 tensor is fine too.
 - The soft confusion counts of a class c over a set of voxels i are
 
       TP_c = sum_i y_ic p_ic,   FP_c = sum_i (1 - y_ic) p_ic,   FN_c = sum_i y_ic (1 - p_ic),
 
-  which for hard (0/1) predictions are the usual counts. Every overlap loss and metric is written
-  once from them (``soft_confusion``, ``hard_confusion``, ``tversky_index``, ...).
+  and every overlap loss is written once from them (``soft_confusion``, ``tversky_index``).
 - Overlap losses (Dice, weighted Dice, Jaccard, Tversky, softmax Dice) compute the counts over
   the whole batch (all samples and voxels) per class and return a scalar. Voxel-wise losses (CE,
   weighted CE, balanced BCE, focal) return one value per sample, shape ``(B,)``, the mean over
@@ -23,29 +23,17 @@ Conventions (see ARCHITECTURE.md):
   gradient on predicted tumour voxels in batches without tumour (with s -> 0 that term is a
   constant 1 and gives no gradient). Pass ``smooth=`` to change it; ``smooth=0`` gives the exact
   thesis formulas but NaN for a class absent from truth and prediction. Where most batches hold
-  no tumour (3D blocks, one per rank), penalty (2) dominates: a Unet3D trained here with s = 1
-  learned to predict no tumour at all; ``smooth=1e-5`` (nnU-Net's) leaves such batches to the
-  cross-entropy term of ``dice_ce``.
-- Hard metrics (``weighted_jaccard``, ``dice_kidney``, ...) take the argmax of ``y_pred``,
-  one-hot encode it and count over all voxels of the batch, without smoothing. A class absent
-  from both the truth and the prediction (TP + FP + FN = 0) scores 1.0 (nothing to find, nothing
-  wrongly found); this matters for batches without tumour. Keras averages the per-batch value
-  over the batches of an epoch, and Horovod's MetricAverageCallback averages that over ranks.
-
-The lower part of the module holds pure-NumPy versions of the hard metrics on integer label
-maps (``np_*``), for evaluation; they do not call TensorFlow.
+  no tumour (3D blocks, one per rank), penalty (2) dominates and pushes a model towards never
+  predicting tumour; ``smooth=1e-5`` (nnU-Net's) leaves such batches to the cross-entropy term
+  of ``dice_ce``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
-
-CLASS_NAMES: tuple[str, ...] = ("background", "kidney", "tumor")
-N_CLASSES = len(CLASS_NAMES)
-BACKGROUND, KIDNEY, TUMOR = 0, 1, 2
 
 #: Smoothing ``s`` of the soft overlap indices (see the module docstring).
 DEFAULT_SMOOTH = 1.0
@@ -53,7 +41,6 @@ DEFAULT_SMOOTH = 1.0
 LOG_EPSILON = 1e-7
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
-MetricFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,10 +53,9 @@ def _cast(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32)
 
 
-def _count_axes(x: tf.Tensor, per_sample: bool) -> tf.Tensor:
-    """Axes to sum over: all but the channel axis (and the batch axis if ``per_sample``)."""
-    start = 1 if per_sample else 0
-    return tf.range(start, tf.rank(x) - 1)
+def _count_axes(x: tf.Tensor) -> tf.Tensor:
+    """Axes to sum over: all but the channel axis."""
+    return tf.range(0, tf.rank(x) - 1)
 
 
 def _mean_over_voxels(x: tf.Tensor) -> tf.Tensor:
@@ -102,20 +88,10 @@ def _weighted_class_mean(values: tf.Tensor, weights: tf.Tensor | None) -> tf.Ten
     return tf.reduce_sum(values * weights, axis=-1) / tf.reduce_sum(weights)
 
 
-def _ratio(num: tf.Tensor, den: tf.Tensor, if_empty: tf.Tensor | float) -> tf.Tensor:
-    """num / den, and ``if_empty`` where den == 0 (hard counts, no smoothing)."""
-    if_empty = tf.broadcast_to(tf.cast(if_empty, tf.float32), tf.shape(den))
-    return tf.where(den > 0, tf.math.divide_no_nan(num, den), if_empty)
-
-
 def _named(fn: Callable, name: str) -> Callable:
     fn.__name__ = name
     fn.__qualname__ = name
     return fn
-
-
-def _class_name(class_index: int) -> str:
-    return CLASS_NAMES[class_index] if 0 <= class_index < N_CLASSES else f"class{class_index}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,34 +99,15 @@ def _class_name(class_index: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def soft_confusion(
-    y_true: tf.Tensor, y_pred: tf.Tensor, per_sample: bool = False
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Soft per-class counts ``TP = sum y p``, ``FP = sum (1-y) p``, ``FN = sum y (1-p)``.
-
-    Sums run over all samples and voxels (shape ``(C,)``), or over the voxels of each sample
-    with ``per_sample=True`` (shape ``(B, C)``).
-    """
+def soft_confusion(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Soft per-class counts ``TP = sum y p``, ``FP = sum (1-y) p``, ``FN = sum y (1-p)``, each
+    summed over all samples and voxels (shape ``(C,)``)."""
     y_true, y_pred = _cast(y_true, y_pred)
-    axes = _count_axes(y_pred, per_sample)
+    axes = _count_axes(y_pred)
     tp = tf.reduce_sum(y_true * y_pred, axis=axes)
     fp = tf.reduce_sum((1.0 - y_true) * y_pred, axis=axes)
     fn = tf.reduce_sum(y_true * (1.0 - y_pred), axis=axes)
     return tp, fp, fn
-
-
-def hard_prediction(y_pred: tf.Tensor) -> tf.Tensor:
-    """One-hot float32 encoding of ``argmax(y_pred, axis=-1)`` (ties go to the lower class)."""
-    y_pred = tf.cast(y_pred, tf.float32)
-    depth = y_pred.shape[-1] if y_pred.shape[-1] is not None else tf.shape(y_pred)[-1]
-    return tf.one_hot(tf.argmax(y_pred, axis=-1), depth=depth, dtype=tf.float32)
-
-
-def hard_confusion(
-    y_true: tf.Tensor, y_pred: tf.Tensor, per_sample: bool = False
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Voxel counts TP, FP, FN per class of the argmax prediction (``soft_confusion`` of it)."""
-    return soft_confusion(y_true, hard_prediction(y_pred), per_sample=per_sample)
 
 
 def tversky_index(
@@ -192,35 +149,6 @@ def jaccard_from_confusion(
 ) -> tf.Tensor:
     """Jaccard coefficient (thesis eq. 3.4) ``JC = TP / (TP + FP + FN)``, smoothed with ``s``."""
     return tversky_index(tp, fp, fn, 1.0, 1.0, smooth)
-
-
-def precision_from_confusion(tp: tf.Tensor, fp: tf.Tensor, fn: tf.Tensor) -> tf.Tensor:
-    """Precision ``TP / (TP + FP)`` of hard counts.
-
-    The thesis prints precision (eq. 2.2) as ``(TP + FP) / TP``, which is the reciprocal and
-    wrong (it is >= 1); the correct definition ``TP / (TP + FP)`` is used. With nothing predicted
-    (TP + FP = 0) the value is 1.0 if the class is also absent from the truth (FN = 0), else 0.0.
-    """
-    return _ratio(tp, tp + fp, tf.cast(tf.equal(fn, 0.0), tf.float32))
-
-
-def recall_from_confusion(tp: tf.Tensor, fp: tf.Tensor, fn: tf.Tensor) -> tf.Tensor:
-    """Recall (sensitivity, thesis eq. 2.3) ``TP / (TP + FN)`` of hard counts.
-
-    With the class absent from the truth (TP + FN = 0) the value is 1.0 if nothing was predicted
-    either (FP = 0), else 0.0.
-    """
-    return _ratio(tp, tp + fn, tf.cast(tf.equal(fp, 0.0), tf.float32))
-
-
-def hard_dice_from_confusion(tp: tf.Tensor, fp: tf.Tensor, fn: tf.Tensor) -> tf.Tensor:
-    """Exact Dice ``2TP / (2TP + FP + FN)`` of hard counts; 1.0 when TP + FP + FN = 0."""
-    return _ratio(2.0 * tp, 2.0 * tp + fp + fn, 1.0)
-
-
-def hard_jaccard_from_confusion(tp: tf.Tensor, fp: tf.Tensor, fn: tf.Tensor) -> tf.Tensor:
-    """Exact Jaccard ``TP / (TP + FP + FN)`` of hard counts; 1.0 when TP + FP + FN = 0."""
-    return _ratio(tp, tp + fp + fn, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,311 +389,3 @@ def get_loss(
     if param is not None and class_weights is not None:
         params.setdefault(param, class_weights)
     return LOSSES[key](**params)
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics (Keras-compatible ``metric(y_true, y_pred) -> scalar``, one value per batch)
-# --------------------------------------------------------------------------------------------
-
-
-def weighted_jaccard(class_weights: Sequence[float] | None = None) -> MetricFn:
-    """Weighted Jaccard JC_w, the thesis's headline metric (tables 5.1, 5.2), hard version.
-
-    ``JC_w = sum_c w_c JC_c / sum_c w_c`` with ``JC_c = TP_c / (TP_c + FP_c + FN_c)`` counted on
-    the one-hot argmax prediction against ``y_true`` over all voxels of the batch; a class absent
-    from both scores 1.0. ``class_weights=None`` means equal weights. Metric name
-    ``"weighted_jaccard"``.
-    """
-    weights = _check_weights(class_weights)
-
-    def metric(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-        _check_n_classes(y_pred, weights, "class_weights")
-        jc = hard_jaccard_from_confusion(*hard_confusion(y_true, y_pred))
-        return _weighted_class_mean(jc, weights)
-
-    return _named(metric, "weighted_jaccard")
-
-
-def soft_weighted_jaccard(
-    class_weights: Sequence[float] | None = None, smooth: float = DEFAULT_SMOOTH
-) -> MetricFn:
-    """Soft JC_w: ``sum_c w_c JC_c / sum_c w_c`` on the probabilities (soft batch counts).
-
-    ``JC_c = (TP_c + s) / (TP_c + FP_c + FN_c + s)`` as in ``jaccard_from_confusion``.
-    Metric name ``"soft_weighted_jaccard"``.
-    """
-    weights = _check_weights(class_weights)
-
-    def metric(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-        _check_n_classes(y_pred, weights, "class_weights")
-        jc = jaccard_from_confusion(*soft_confusion(y_true, y_pred), smooth=smooth)
-        return _weighted_class_mean(jc, weights)
-
-    return _named(metric, "soft_weighted_jaccard")
-
-
-def _class_metric(
-    from_confusion: Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor],
-    class_index: int,
-    name: str,
-) -> MetricFn:
-    def metric(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-        return from_confusion(*hard_confusion(y_true, y_pred))[class_index]
-
-    return _named(metric, name)
-
-
-def dice_metric(class_index: int, name: str | None = None) -> MetricFn:
-    """Hard Dice ``2TP / (2TP + FP + FN)`` of one class over the batch (1.0 if absent from both).
-
-    Default name ``dice_<class>``, e.g. ``dice_kidney``.
-    """
-    return _class_metric(
-        hard_dice_from_confusion, class_index, name or f"dice_{_class_name(class_index)}"
-    )
-
-
-def jaccard_metric(class_index: int, name: str | None = None) -> MetricFn:
-    """Hard Jaccard ``TP / (TP + FP + FN)`` of one class over the batch (1.0 if absent from both).
-
-    Default name ``jaccard_<class>``, e.g. ``jaccard_tumor``.
-    """
-    return _class_metric(
-        hard_jaccard_from_confusion, class_index, name or f"jaccard_{_class_name(class_index)}"
-    )
-
-
-def precision_metric(class_index: int, name: str | None = None) -> MetricFn:
-    """Hard precision ``TP / (TP + FP)`` of one class (see ``precision_from_confusion``).
-
-    The thesis's eq. 2.2 prints ``(TP + FP) / TP``, which is wrong; this is the correct form.
-    """
-    return _class_metric(
-        precision_from_confusion, class_index, name or f"precision_{_class_name(class_index)}"
-    )
-
-
-def recall_metric(class_index: int, name: str | None = None) -> MetricFn:
-    """Hard recall ``TP / (TP + FN)`` of one class (see ``recall_from_confusion``)."""
-    return _class_metric(
-        recall_from_confusion, class_index, name or f"recall_{_class_name(class_index)}"
-    )
-
-
-def precision(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-    """Hard precision ``TP / (TP + FP)``, averaged over the foreground classes (kidney, tumor).
-
-    Correction: the thesis's eq. 2.2 prints precision as ``(TP + FP) / TP``, the reciprocal of
-    the real definition (it would be >= 1); this uses ``TP / (TP + FP)``. Per class, nothing
-    predicted gives 1.0 if the class is also absent from the truth, else 0.0.
-    """
-    return tf.reduce_mean(precision_from_confusion(*hard_confusion(y_true, y_pred))[1:])
-
-
-def recall(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-    """Hard recall ``TP / (TP + FN)`` (thesis eq. 2.3), averaged over kidney and tumor.
-
-    (Precision, its companion, is printed wrongly in the thesis, see ``precision``.) Per class,
-    a class absent from the truth gives 1.0 if nothing was predicted, else 0.0.
-    """
-    return tf.reduce_mean(recall_from_confusion(*hard_confusion(y_true, y_pred))[1:])
-
-
-dice_kidney = dice_metric(KIDNEY)
-dice_tumor = dice_metric(TUMOR)
-jaccard_kidney = jaccard_metric(KIDNEY)
-jaccard_tumor = jaccard_metric(TUMOR)
-
-
-def get_metrics(class_weights: Sequence[float] | None = None) -> list[MetricFn]:
-    """Metrics for ``model.compile``: JC_w, then Dice and Jaccard of kidney and tumor.
-
-    Names: ``weighted_jaccard``, ``dice_kidney``, ``dice_tumor``, ``jaccard_kidney``,
-    ``jaccard_tumor`` (all hard, per batch; see ``weighted_jaccard``).
-    """
-    return [weighted_jaccard(class_weights), dice_kidney, dice_tumor, jaccard_kidney, jaccard_tumor]
-
-
-# --------------------------------------------------------------------------------------------
-# NumPy versions of the hard metrics on integer label maps (evaluation; no TensorFlow calls)
-# --------------------------------------------------------------------------------------------
-
-
-def _np_labels(labels_true: np.ndarray, labels_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    t, p = np.asarray(labels_true), np.asarray(labels_pred)
-    if t.shape != p.shape:
-        raise ValueError(f"label maps differ in shape: {t.shape} vs {p.shape}")
-    return t, p
-
-
-def _np_label_set(label_set: int | Iterable[int]) -> list[int]:
-    return [int(label_set)] if np.isscalar(label_set) else [int(x) for x in label_set]
-
-
-def np_confusion(
-    labels_true: np.ndarray, labels_pred: np.ndarray, label_set: int | Iterable[int]
-) -> tuple[int, int, int]:
-    """Voxel counts (TP, FP, FN) of the region ``label in label_set`` (one label or several)."""
-    t, p = _np_labels(labels_true, labels_pred)
-    labels = _np_label_set(label_set)
-    in_t, in_p = np.isin(t, labels), np.isin(p, labels)
-    tp = int(np.count_nonzero(in_t & in_p))
-    return tp, int(np.count_nonzero(in_p)) - tp, int(np.count_nonzero(in_t)) - tp
-
-
-def np_dice(
-    labels_true: np.ndarray, labels_pred: np.ndarray, label_set: int | Iterable[int]
-) -> float:
-    """Dice ``2TP / (2TP + FP + FN)`` of the region ``label in label_set``; 1.0 if both empty.
-
-    KiTS19 scores are ``np_dice(t, p, {1, 2})`` (kidney + tumour) and ``np_dice(t, p, 2)``.
-    """
-    tp, fp, fn = np_confusion(labels_true, labels_pred, label_set)
-    den = 2 * tp + fp + fn
-    return 1.0 if den == 0 else 2.0 * tp / den
-
-
-def np_jaccard(
-    labels_true: np.ndarray, labels_pred: np.ndarray, label_set: int | Iterable[int]
-) -> float:
-    """Jaccard ``TP / (TP + FP + FN)`` of the region ``label in label_set``; 1.0 if both empty."""
-    tp, fp, fn = np_confusion(labels_true, labels_pred, label_set)
-    den = tp + fp + fn
-    return 1.0 if den == 0 else tp / den
-
-
-def np_precision(
-    labels_true: np.ndarray, labels_pred: np.ndarray, label_set: int | Iterable[int]
-) -> float:
-    """Precision ``TP / (TP + FP)`` (not the thesis's misprinted ``(TP + FP) / TP``).
-
-    Nothing predicted: 1.0 if the region is also absent from the truth, else 0.0.
-    """
-    tp, fp, fn = np_confusion(labels_true, labels_pred, label_set)
-    if tp + fp == 0:
-        return 1.0 if fn == 0 else 0.0
-    return tp / (tp + fp)
-
-
-def np_recall(
-    labels_true: np.ndarray, labels_pred: np.ndarray, label_set: int | Iterable[int]
-) -> float:
-    """Recall ``TP / (TP + FN)``; region absent from the truth: 1.0 if none predicted, else 0.0."""
-    tp, fp, fn = np_confusion(labels_true, labels_pred, label_set)
-    if tp + fn == 0:
-        return 1.0 if fp == 0 else 0.0
-    return tp / (tp + fn)
-
-
-def np_confusion_matrix(
-    labels_true: np.ndarray, labels_pred: np.ndarray, n_classes: int = N_CLASSES
-) -> np.ndarray:
-    """Confusion matrix ``cm[t, p]`` (int64, n_classes x n_classes) of two label maps.
-
-    Matrices of several cases or batches can be summed before computing scores from them.
-    """
-    t, p = _np_labels(labels_true, labels_pred)
-    t, p = t.reshape(-1).astype(np.int64), p.reshape(-1).astype(np.int64)
-    for arr, what in ((t, "labels_true"), (p, "labels_pred")):
-        if arr.size and (arr.min() < 0 or arr.max() >= n_classes):
-            raise ValueError(f"{what} has labels outside 0..{n_classes - 1}")
-    return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(
-        n_classes, n_classes
-    )
-
-
-def np_jaccard_per_class(cm: np.ndarray) -> np.ndarray:
-    """Per-class Jaccard from a confusion matrix; 1.0 for a class absent from both."""
-    cm = np.asarray(cm, dtype=np.float64)
-    tp = np.diag(cm)
-    den = cm.sum(axis=0) + cm.sum(axis=1) - tp  # TP + FP + FN
-    return np.where(den > 0, tp / np.where(den > 0, den, 1.0), 1.0)
-
-
-def np_dice_per_class(cm: np.ndarray) -> np.ndarray:
-    """Per-class Dice from a confusion matrix; 1.0 for a class absent from both."""
-    cm = np.asarray(cm, dtype=np.float64)
-    tp = np.diag(cm)
-    den = cm.sum(axis=0) + cm.sum(axis=1)  # 2TP + FP + FN
-    return np.where(den > 0, 2.0 * tp / np.where(den > 0, den, 1.0), 1.0)
-
-
-def np_weighted_jaccard_from_confusion(cm: np.ndarray, weights: Sequence[float]) -> float:
-    """JC_w ``sum_c w_c JC_c / sum_c w_c`` from a confusion matrix (see ``weighted_jaccard``)."""
-    w = np.asarray(weights, dtype=np.float64).reshape(-1)
-    cm = np.asarray(cm)
-    if w.shape[0] != cm.shape[0]:
-        raise ValueError(f"{w.shape[0]} weights for {cm.shape[0]} classes")
-    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"weights must be finite, non-negative, not all zero; got {weights}")
-    return float(np.dot(w, np_jaccard_per_class(cm)) / w.sum())
-
-
-def np_weighted_jaccard(
-    labels_true: np.ndarray, labels_pred: np.ndarray, weights: Sequence[float]
-) -> float:
-    """JC_w of two integer label maps with classes ``0 .. len(weights)-1``.
-
-    ``JC_w = sum_c w_c JC_c / sum_c w_c``, ``JC_c = TP_c / (TP_c + FP_c + FN_c)`` over all voxels
-    given, 1.0 for a class absent from both; the same definition as the Keras metric
-    ``weighted_jaccard`` on a batch.
-    """
-    n = len(weights)
-    return np_weighted_jaccard_from_confusion(
-        np_confusion_matrix(labels_true, labels_pred, n), weights
-    )
-
-
-__all__ = [
-    "BACKGROUND",
-    "CLASS_NAMES",
-    "DEFAULT_LOSS",
-    "DEFAULT_SMOOTH",
-    "KIDNEY",
-    "LOG_EPSILON",
-    "LOSSES",
-    "N_CLASSES",
-    "TUMOR",
-    "balanced_bce_loss",
-    "crossentropy_loss",
-    "dice_from_confusion",
-    "dice_kidney",
-    "dice_loss",
-    "dice_metric",
-    "dice_tumor",
-    "focal_loss",
-    "get_loss",
-    "get_metrics",
-    "hard_confusion",
-    "hard_dice_from_confusion",
-    "hard_jaccard_from_confusion",
-    "hard_prediction",
-    "jaccard_from_confusion",
-    "jaccard_kidney",
-    "jaccard_loss",
-    "jaccard_metric",
-    "jaccard_tumor",
-    "np_confusion",
-    "np_confusion_matrix",
-    "np_dice",
-    "np_dice_per_class",
-    "np_jaccard",
-    "np_jaccard_per_class",
-    "np_precision",
-    "np_recall",
-    "np_weighted_jaccard",
-    "np_weighted_jaccard_from_confusion",
-    "precision",
-    "precision_from_confusion",
-    "precision_metric",
-    "recall",
-    "recall_from_confusion",
-    "recall_metric",
-    "soft_confusion",
-    "soft_weighted_jaccard",
-    "softmax_dice_loss",
-    "tversky_index",
-    "tversky_loss",
-    "weighted_crossentropy_loss",
-    "weighted_dice_loss",
-]

@@ -75,11 +75,10 @@ def cpu_mpi_environment(environ: MutableMapping[str, str]) -> None:
     Why: OpenMPI busy-polls while a call waits, and Horovod's background thread waits in MPI
     for its peers every cycle, milliseconds apart. When every core runs a TensorFlow compute
     thread, as with one rank of one thread per core, that polling takes the core from a
-    compute thread: two Unet2D ranks of one thread on two cores needed 0.9 CPU s per sample
-    each instead of one rank's 0.55, and trained 0.52-0.63x twice one rank's speed; yielding
-    gave 0.85-0.93x (bench.train). OpenMPI yields by itself only when it sees more ranks than
-    slots. GPU ranks keep the default: their cores are mostly free and polling is what keeps
-    latency low. Must run before MPI_Init (hvd.init); a value already in the environment is
+    compute thread and each rank needs far more CPU time per sample than a lone rank (figures
+    in bench/README.md). OpenMPI yields by itself only when it sees more ranks than slots.
+    GPU ranks keep the default: their cores are mostly free and polling is what keeps latency
+    low. Must run before MPI_Init (hvd.init); a value already in the environment is
     kept.
     """
     environ.setdefault(YIELD_WHEN_IDLE, "1")
@@ -178,7 +177,8 @@ def record_resumed_session(
 def _changed_options(before: dict[str, Any], after: dict[str, Any]) -> str:
     """The options of ``before`` that ``after`` changed, or "the same options"."""
     # what does not change what is learned (when and how much is saved, logged or run)
-    ignore = {"resume", "time_limit", "stop_at", "out", "data", "verbose"}
+    ignore = {"resume", "time_limit", "deadline", "require_gpu", "stop_at", "out", "data"}
+    ignore |= {"verbose"}
     ignore |= {"checkpoint_every", "keep_every", "record_samples", "check_sha256"}
     keys = sorted(k for k in before.keys() | after.keys() if k not in ignore)
     changed = [f"{k} {before.get(k)!r}" for k in keys if before.get(k) != after.get(k)]

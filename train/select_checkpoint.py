@@ -3,13 +3,13 @@
     python -m train.select_checkpoint --run RUN_DIR --kits KITS_DIR [--cases 120-125]
                                       [--weights FILE ...] [--postprocess] [--dry-run]
 
-Why: the metric training monitors (``--monitor``, by default the validation JC_w) is computed
-per batch of samples at model resolution. For 3D blocks, most of which hold no tumor, a model
-that never marks tumor scores well on it (a class absent from both truth and prediction counts
-1.0), so the best epoch by that metric can be a model without any tumor output. What a user
-wants is the checkpoint that segments whole volumes best, so this scores each candidate on the
-validation cases' whole volumes at original resolution with the KiTS19 score (the mean of the
-kidney+tumor Dice and the tumor Dice, as ``train.evaluate``) and installs the highest.
+Why, beside training's own choice: training monitors the validation JC_w pooled over the
+preprocessed validation samples (one confusion matrix per epoch, ``train.metrics``), which sees
+only the samples preprocessing kept (by default slices or blocks that hold kidney) at model
+resolution. This scores each candidate on the validation cases' whole volumes at original
+resolution, every slice included, so false positives outside the kidney range count, with the
+KiTS19 score (the mean of the kidney+tumor Dice and the tumor Dice, as ``train.evaluate``),
+and installs the highest.
 
 Candidates: the ``--weights`` files, else the epochs the run kept (``train.train --keep-every
 K``: ``checkpoints/epochs/epoch_NNNN.weights.h5``) with its current ``best.weights.h5`` and
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from preprocess.dataset_format import DatasetError, sha256_file, write_json_atomic
-from preprocess.kits import CaseError, list_cases, parse_case_list
+from preprocess.kits import N_CLASSES, CaseError, list_cases, parse_case_list
 from train.checkpoint import link_atomic
 from train.evaluate import class_weights_for, evaluate_volumes, write_text_atomic
 from train.inference import (
@@ -120,7 +121,7 @@ def install_best(run_dir: Path, chosen: dict[str, Any], selection: dict[str, Any
     """The chosen weights become ``best.weights.h5``; best.json, summary and basic_info say so."""
     ckpt = run_dir / "checkpoints"
     best = ckpt / "best.weights.h5"
-    source = Path(chosen["weights"])
+    source = run_dir / chosen["weights"]
     if source.resolve() != best.resolve():
         link_atomic(source, best)
     replaced = _read_json(ckpt / "best.json")
@@ -180,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--postprocess",
         action="store_true",
-        help="keep only the largest kidney+tumor components before scoring (as you will predict)",
+        help="keep only the kidney+tumor components with the most kidney before scoring "
+        "(as you will predict)",
     )
     p.add_argument("--components", type=int, default=2, help="components kept by --postprocess")
     p.add_argument("--batch-size", type=int, default=None, help="see train.evaluate")
@@ -204,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not path.is_file():
             raise InferenceError(f"{path}: weights file not found")
     cases = list_cases(Path(args.kits), choose_cases(args, config))  # CaseError if missing
-    class_weights, _ = class_weights_for(config, None, int(config.get("n_classes", 3)))
+    class_weights, _ = class_weights_for(config, None, int(config.get("n_classes", N_CLASSES)))
     postprocess = args.components if args.postprocess else None
 
     case_names = [f"case_{c:05d}" for c in cases]
@@ -234,7 +236,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 postprocess=postprocess,
             )
             scores = {k: summary[k] for k in SCORES}
-        scored.append({"weights": str(path), "epoch": epoch, "sha256": sha256, **scores})
+        # relative to the run folder, so the shipped selection.json names no machine's path
+        weights = os.path.relpath(path.resolve(), run_dir.resolve())
+        scored.append({"weights": weights, "epoch": epoch, "sha256": sha256, **scores})
     # ties go to the later epoch (more training, same validation score)
     chosen = max(scored, key=lambda c: (c["kits_score"], c["epoch"] or 0))
     selection = {

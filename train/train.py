@@ -49,306 +49,417 @@ def set_bn_momentum(model: Any, momentum: float) -> int:
 
 def run(cfg: Any) -> int:
     """Train according to ``cfg`` (a train.config.TrainConfig); returns the exit status."""
-    import tf_keras as keras
-
-    import models
-    from preprocess.dataset_format import DatasetError, class_weights, manifest_sha256
-    from train import callbacks as cbs
     from train import checkpoint
-    from train.augment import AugmentConfig
-    from train.data import DataError, build_feed, make_dataset
     from train.hvd_compat import hvd, hvd_tf
-    from train.losses import get_loss, get_metrics
-    from train.runtime import (
-        RankLog,
-        RunError,
-        basic_info,
-        check_resume_compatible,
-        configure_tensorflow,
-        environ_summary,
-        init_horovod,
-        record_resumed_session,
-        set_seeds,
-        versions,
-        write_run_config,
-    )
+    from train.runtime import RankLog, RunError, init_horovod
 
     init_horovod()
     rank, size = hvd.rank(), hvd.size()
     log = RankLog(rank, size, cfg.verbose)
     run_dir = Path(cfg.out)
 
-    # --- start-up checks, on every rank; any failure stops all ranks with exit status 2 -----
-    error = None
-    feed = None
+    error, started = None, None
     try:
-        if cfg.model not in models.MODEL_NAMES:
-            raise RunError(f"unknown model {cfg.model!r}; choose from {models.MODEL_NAMES}")
-        cfg.resolve(models.is_3d(cfg.model))
-        device_info = configure_tensorflow(cfg.threads, cfg.amp, cfg.xla)
-        if cfg.resume and not (run_dir / "checkpoints" / "latest.json").is_file():
-            raise RunError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-        if not cfg.resume and rank == 0 and (run_dir / "checkpoints" / "latest.json").is_file():
-            raise RunError(
-                f"{run_dir} already holds a run with checkpoints; pass --resume to "
-                f"continue it or choose another --out"
-            )
-        augment = AugmentConfig() if cfg.augment else None
-        feed = build_feed(
-            cfg.data,
-            rank,
-            size,
-            cfg.batch_size,
-            cfg.tumor_factor,
-            augment,
-            cfg.seed,
-            cfg.workers,
-            cfg.check_sha256,
-        )
-        feed.train.limit_steps(cfg.max_steps)
-        kind = feed.manifest["kind"]
-        if models.is_3d(cfg.model) != (kind == "blocks"):
-            wanted = "3D block" if models.is_3d(cfg.model) else "2D slice"
-            raise RunError(f"model {cfg.model} needs a {wanted} dataset; {cfg.data} holds {kind}")
-    except (DataError, DatasetError, RunError, ValueError, OSError) as exc:
+        started = start_up(cfg, rank, size, run_dir)
+    except (RunError, ValueError, OSError) as exc:  # DataError, DatasetError: ValueErrors
         error = str(exc)
     if _stop_on_any_error(log, error):
         return 2
-    assert feed is not None
-
-    # --- ranks agree on the steps per epoch (unequal shards would hang the allreduce) ------
-    steps = hvd_tf.allgather_object(
-        (feed.train.steps_per_epoch, feed.val.steps_per_epoch, len(feed.train.shards))
-    )
-    if len(set(steps)) > 1:
-        table = ", ".join(
-            f"rank {r}: {t} train / {v} val steps ({n} samples)"
-            for r, (t, v, n) in enumerate(steps)
-        )
-        log.error(
-            f"ranks disagree on steps per epoch ({table}); the shards of {cfg.data} do "
-            f"not hold equal sample counts (re-run preprocessing, or check with "
-            f"python -m preprocess.verify)"
-        )
+    assert started is not None
+    feed, device_info = started
+    if not ranks_agree_on_steps(feed, cfg.data, log):
         return 2
 
+    config = run_config(cfg, feed, size, device_info)
+    model = build_and_compile(cfg, config, rank)
+    resumed, error = None, None
+    if rank == 0:
+        try:
+            resumed, config = restore_or_start(cfg, model, run_dir, config)
+        except (RunError, ValueError, OSError) as exc:
+            error = str(exc)
+    if _stop_on_any_error(log, error):
+        return 2
+    resumed = share_start_state(model, resumed, run_dir, log)
+    initial_epoch = resumed["epoch"] if resumed else 0
+    if initial_epoch >= cfg.epochs:
+        log.info(f"{run_dir} has already trained {initial_epoch} of {cfg.epochs} epochs")
+        return 0
+    log.info(
+        f"{cfg.model} ({config['n_params']:,} params, input {config['input_shape']}) on "
+        f"{size} rank(s); {len(feed.train.shards)} train / {len(feed.val.shards)} val "
+        f"samples per rank; {feed.train.steps_per_epoch} steps x batch {cfg.batch_size} "
+        f"per rank; lr {config['effective_lr']:.2e}; loss {cfg.loss}; class weights "
+        f"{[round(w, 3) for w in config['class_weights']]}; amp={cfg.amp} xla={cfg.xla}"
+    )
+    session = TrainingSession(cfg, feed, run_dir, resumed, rank, size, log)
+    callbacks = session.callbacks(config["effective_lr"])
+    history, seconds = fit(cfg, model, feed, config, initial_epoch, callbacks)
+    # every rank's final weights, compared by digest: Horovod keeps them identical
+    digests = hvd_tf.allgather_object(checkpoint.state_digest(model.get_weights()))
+    if rank == 0:
+        epochs_done = initial_epoch + len(history.history.get("loss", []))
+        session.write_summary(config, epochs_done, seconds, digests)
+    return 0
+
+
+def start_up(cfg: Any, rank: int, size: int, run_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """Checks on every rank, then this rank's data feed; raises on bad input (exit status 2)."""
+    import models
+    from train.augment import augment_config
+    from train.data import build_feed
+    from train.devices import require_gpu
+    from train.runtime import RunError, configure_tensorflow
+
+    if cfg.model not in models.MODEL_NAMES:
+        raise RunError(f"unknown model {cfg.model!r}; choose from {models.MODEL_NAMES}")
+    cfg.resolve(models.is_3d(cfg.model))
+    device_info = configure_tensorflow(cfg.threads, cfg.amp, cfg.xla)
+    if cfg.require_gpu:
+        require_gpu()
+    if cfg.resume and not (run_dir / "checkpoints" / "latest.json").is_file():
+        raise RunError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    if not cfg.resume and rank == 0 and (run_dir / "checkpoints" / "latest.json").is_file():
+        raise RunError(
+            f"{run_dir} already holds a run with checkpoints; pass --resume to "
+            f"continue it or choose another --out"
+        )
+    feed = build_feed(
+        cfg.data,
+        rank,
+        size,
+        cfg.batch_size,
+        cfg.tumor_factor,
+        augment_config(cfg.augment, cfg.intensity_augment, cfg.intensity_p),
+        cfg.seed,
+        cfg.workers,
+        cfg.check_sha256,
+        mix_dir=cfg.mix_data,
+        mix_fraction=cfg.mix_fraction,
+    )
+    feed.train.limit_steps(cfg.max_steps)
+    kind = feed.manifest["kind"]
+    if models.is_3d(cfg.model) != (kind == "blocks"):
+        wanted = "3D block" if models.is_3d(cfg.model) else "2D slice"
+        raise RunError(f"model {cfg.model} needs a {wanted} dataset; {cfg.data} holds {kind}")
+    return feed, device_info
+
+
+def ranks_agree_on_steps(feed: Any, data: str, log: Any) -> bool:
+    """Collective: every rank runs the same training steps (unequal ones would hang the
+    allreduce). Validation steps may differ: a rank validates its real samples, no collective."""
+    from train.hvd_compat import hvd_tf
+
+    steps = hvd_tf.allgather_object((feed.train.steps_per_epoch, len(feed.train.shards)))
+    if len(set(steps)) == 1:
+        return True
+    table = ", ".join(f"rank {r}: {t} train steps ({n} samples)" for r, (t, n) in enumerate(steps))
+    log.error(
+        f"ranks disagree on steps per epoch ({table}); the shards of {data} do not hold equal "
+        f"sample counts (re-run preprocessing, or check with python -m preprocess.verify)"
+    )
+    return False
+
+
+def dataset_record(data_dir: str, manifest: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """config.json's description of a dataset (``dataset``, ``mix_dataset``).
+
+    The folder is stored relative to the run folder, so a run folder that is copied or shipped
+    names no path of the machine it was made on and still finds its dataset beside it.
+    """
+    from preprocess.dataset_format import manifest_sha256
+
+    return {
+        "dir": os.path.relpath(Path(data_dir).resolve(), Path(run_dir).resolve()),
+        "manifest_sha256": manifest_sha256(data_dir),
+        "kind": manifest["kind"],
+        "image_size": manifest["image_size"],
+        "block_depth": manifest.get("block_depth"),
+        "block_overlap": manifest.get("block_overlap"),
+        "channels": int(manifest["channels"]),
+        "normalization": manifest["normalization"],
+        "mask_method": manifest.get("mask_method"),
+        "target_spacing": manifest.get("target_spacing"),
+        "splits": {s: manifest["splits"][s]["cases"] for s in manifest["splits"]},
+    }
+
+
+def run_config(cfg: Any, feed: Any, size: int, device_info: dict[str, Any]) -> dict[str, Any]:
+    """The run's config.json (ARCHITECTURE.md), without the parameter count."""
+    from preprocess.dataset_format import class_weights
+    from train.metrics import CLASS_NAMES
+    from train.runtime import environ_summary, versions
+
     manifest = feed.manifest
-    weights = class_weights(manifest, cfg.class_factors)
-    channels = int(manifest["channels"])
-    input_shape = (*feed.sample_shape, channels)
-    model_options = {"l2": cfg.l2, **cfg.model_options}
     lr_multiplier = size if cfg.scale_lr else 1
-    effective_lr = cfg.lr * lr_multiplier
     config = {
         "model": cfg.model,
-        "model_options": model_options,
-        "input_shape": list(input_shape),
-        "n_classes": 3,
-        "class_names": ["background", "kidney", "tumor"],
-        "class_weights": weights,
-        "dataset": {
-            "dir": str(Path(cfg.data).resolve()),
-            "manifest_sha256": manifest_sha256(cfg.data),
-            "kind": manifest["kind"],
-            "image_size": manifest["image_size"],
-            "block_depth": manifest.get("block_depth"),
-            "block_overlap": manifest.get("block_overlap"),
-            "channels": channels,
-            "normalization": manifest["normalization"],
-            "mask_method": manifest.get("mask_method"),
-            "splits": {s: manifest["splits"][s]["cases"] for s in manifest["splits"]},
-        },
+        "model_options": {"l2": cfg.l2, **cfg.model_options},
+        "input_shape": [*feed.sample_shape, int(manifest["channels"])],
+        "n_classes": len(CLASS_NAMES),
+        "class_names": list(CLASS_NAMES),
+        "class_weights": class_weights(manifest, cfg.class_factors),
+        "dataset": dataset_record(cfg.data, manifest, cfg.out),
         "train": cfg.to_dict(),
         "n_ranks": size,
         "lr_multiplier": lr_multiplier,
-        "effective_lr": effective_lr,
+        "effective_lr": cfg.lr * lr_multiplier,
         "steps_per_epoch": feed.train.steps_per_epoch,
         "validation_steps": feed.val.steps_per_epoch,
         "devices": device_info,
         "environment": environ_summary(),
         "versions": versions(),
     }
+    if cfg.mix_data is not None:
+        config["mix_dataset"] = dataset_record(cfg.mix_data, feed.mix_manifest, cfg.out)
+    return config
 
-    # --- model: same initial weights on every rank (seed), then per-rank seeds for the rest --
+
+def build_and_compile(cfg: Any, config: dict[str, Any], rank: int) -> Any:
+    """The model, compiled with Horovod's optimizer; same initial weights on every rank."""
+    import tf_keras as keras
+
+    import models
+    from train import checkpoint
+    from train.hvd_compat import hvd
+    from train.losses import get_loss
+    from train.metrics import get_metrics
+    from train.runtime import set_seeds
+
     set_seeds(cfg.seed)
-    model = models.build(cfg.model, input_shape, 3, **model_options)
-    if cfg.amp:  # softmax and loss in float32, as mixed-precision training needs
-        outputs = keras.layers.Activation("linear", dtype="float32", name="float32_output")(
-            model.output
-        )
-        model = keras.Model(model.input, outputs, name=model.name)
+    model = models.build(
+        cfg.model, tuple(config["input_shape"]), config["n_classes"], **config["model_options"]
+    )
     if cfg.bn_momentum is not None:
         set_bn_momentum(model, cfg.bn_momentum)
     config["n_params"] = int(model.count_params())
-    set_seeds(cfg.seed + rank)
-    optimizer = hvd.DistributedOptimizer(keras.optimizers.Adam(learning_rate=effective_lr))
+    set_seeds(cfg.seed + rank)  # per-rank seeds for everything after the initial weights
+    weights = config["class_weights"]
+    optimizer = hvd.DistributedOptimizer(keras.optimizers.Adam(config["effective_lr"]))
     model.compile(
         optimizer=optimizer,
         loss=get_loss(cfg.loss, class_weights=weights, **cfg.loss_params),
         metrics=get_metrics(weights),
     )
     checkpoint.build_optimizer(model)
+    return model
 
-    # --- resume (rank 0 reads, everyone receives by broadcast) -------------------------------
-    resumed: dict[str, Any] | None = None
-    error = None
-    if rank == 0:
-        try:
-            if cfg.resume:
-                old_config = check_resume_compatible(run_dir, config)
-                resumed = checkpoint.load_latest(model, run_dir)
-                config = record_resumed_session(old_config, config, resumed["epoch"])
-            write_run_config(run_dir, config)
-        except (RunError, ValueError, OSError) as exc:
-            error = str(exc)
-    if _stop_on_any_error(log, error):
-        return 2
+
+def restore_or_start(
+    cfg: Any, model: Any, run_dir: Path, config: dict[str, Any]
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Rank 0: load the latest checkpoint on --resume; write config.json. Raises RunError."""
+    from train import checkpoint
+    from train.runtime import check_resume_compatible, record_resumed_session, write_run_config
+
+    resumed = None
+    if cfg.resume:
+        old_config = check_resume_compatible(run_dir, config)
+        resumed = checkpoint.load_latest(model, run_dir)
+        config = record_resumed_session(old_config, config, resumed["epoch"])
+    write_run_config(run_dir, config)
+    return resumed, config
+
+
+def share_start_state(
+    model: Any, resumed: dict[str, Any] | None, run_dir: Path, log: Any
+) -> dict[str, Any] | None:
+    """Collective: every rank gets rank 0's weights, optimizer state and resume record."""
+    from train.hvd_compat import hvd_tf
+
     resumed = hvd_tf.broadcast_object(resumed, root_rank=0)
     hvd_tf.broadcast_variables(model.variables, root_rank=0)
     hvd_tf.broadcast_variables(model.optimizer.variables, root_rank=0)
-    initial_epoch = resumed["epoch"] if resumed else 0
     if resumed:
         log.info(
-            f"resuming {run_dir} at epoch {initial_epoch + 1} (optimizer iterations "
+            f"resuming {run_dir} at epoch {resumed['epoch'] + 1} (optimizer iterations "
             f"{resumed['optimizer_iterations']}, optimizer state digest "
             f"{resumed['optimizer_digest'][:16]})"
         )
-    if initial_epoch >= cfg.epochs:
-        log.info(f"{run_dir} has already trained {initial_epoch} of {cfg.epochs} epochs")
-        return 0
+    return resumed
 
-    log.info(
-        f"{cfg.model} ({config['n_params']:,} params, input {list(input_shape)}) on "
-        f"{size} rank(s); {len(feed.train.shards)} train / {len(feed.val.shards)} val "
-        f"samples per rank; {feed.train.steps_per_epoch} steps x batch {cfg.batch_size} "
-        f"per rank; lr {effective_lr:.2e}; loss {cfg.loss}; class weights "
-        f"{[round(w, 3) for w in weights]}; amp={cfg.amp} xla={cfg.xla}"
-    )
 
-    # --- callbacks: averaging first, so every later callback sees the same numbers --------
-    monitor_mode = "max" if cbs.maximise(cfg.monitor) else "min"
-    plateau = keras.callbacks.ReduceLROnPlateau(
-        monitor=cfg.monitor,
-        mode=monitor_mode,
-        factor=cfg.plateau_factor,
-        patience=cfg.plateau_patience,
-        min_lr=cfg.min_lr,
-    )
-    state_cbs: dict[str, Any] = {"plateau": plateau}
-    callbacks: list[Any] = [
-        hvd.callbacks.BroadcastGlobalVariablesCallback(0),
-        hvd.callbacks.MetricAverageCallback(),
-    ]
-    if cfg.warmup_epochs > 0:
-        callbacks.append(
-            hvd.callbacks.LearningRateWarmupCallback(
-                initial_lr=effective_lr,
-                warmup_epochs=cfg.warmup_epochs,
-                momentum_correction=False,
-                steps_per_epoch=feed.train.steps_per_epoch,
-                verbose=0,
+class TrainingSession:
+    """The callbacks of one training session, and rank 0's summary of it at the end."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        feed: Any,
+        run_dir: Path,
+        resumed: dict[str, Any] | None,
+        rank: int,
+        size: int,
+        log: Any,
+    ) -> None:
+        self.cfg, self.feed, self.run_dir, self.resumed = cfg, feed, run_dir, resumed
+        self.rank, self.size, self.log = rank, size, log
+        self.checkpoints: Any = None
+        self.seconds_before, self.sessions_before = 0.0, 0
+        if rank == 0 and resumed:
+            # from the checkpoint (it counts sessions killed after it); older checkpoints lack
+            # these, and then summary.json has what the sessions that ended cleanly recorded
+            summary_path = run_dir / "summary.json"
+            before = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+            self.seconds_before = resumed.get("train_seconds", before.get("train_seconds", 0.0))
+            self.sessions_before = resumed.get("sessions", before.get("sessions", 1))
+
+    def callbacks(self, effective_lr: float) -> list[Any]:
+        """In order: Horovod's, then pooled validation, so that every later callback (plateau,
+        early stopping, stop condition, checkpoints, logs) reads the same global numbers."""
+        import tf_keras as keras
+
+        from train import callbacks as cbs
+        from train.hvd_compat import hvd, hvd_tf
+
+        cfg = self.cfg
+        callbacks: list[Any] = [
+            hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+            hvd.callbacks.MetricAverageCallback(),
+            cbs.PooledValidation(hvd_tf),
+        ]
+        if cfg.warmup_epochs > 0:
+            callbacks.append(
+                hvd.callbacks.LearningRateWarmupCallback(
+                    initial_lr=effective_lr,
+                    warmup_epochs=cfg.warmup_epochs,
+                    momentum_correction=False,
+                    steps_per_epoch=self.feed.train.steps_per_epoch,
+                    verbose=0,
+                )
             )
+        callbacks.append(cbs.AverageNonTrainable(hvd_tf))
+        mode = "max" if cbs.maximise(cfg.monitor) else "min"
+        plateau = keras.callbacks.ReduceLROnPlateau(
+            monitor=cfg.monitor,
+            mode=mode,
+            factor=cfg.plateau_factor,
+            patience=cfg.plateau_patience,
+            min_lr=cfg.min_lr,
         )
-    callbacks.append(cbs.AverageNonTrainable(hvd_tf))
-    callbacks.append(plateau)
-    if cfg.early_stop_patience > 0:
-        stopper = keras.callbacks.EarlyStopping(
-            monitor=cfg.monitor, mode=monitor_mode, patience=cfg.early_stop_patience
-        )
-        callbacks.append(stopper)
-        state_cbs["early_stopping"] = stopper
-    if cfg.stop_at is not None or cfg.time_limit > 0:
-        callbacks.append(cbs.StopCondition(hvd_tf, cfg.monitor, cfg.stop_at, cfg.time_limit, log))
-    if resumed:
-        callbacks.append(
-            cbs.RestoreStateCallback(
-                state_cbs, resumed.get("callbacks", {}), resumed.get("learning_rate")
+        callbacks.append(plateau)
+        state_cbs: dict[str, Any] = {"plateau": plateau}
+        if cfg.early_stop_patience > 0:
+            stopper = keras.callbacks.EarlyStopping(
+                monitor=cfg.monitor, mode=mode, patience=cfg.early_stop_patience
             )
-        )
-    if cfg.record_samples:
-        feed.train.recorder = cbs.ProducedIds()
-        callbacks.append(cbs.SampleRecorder(hvd_tf, feed.train, run_dir))
-    progress = None
-    seconds_before, sessions_before = 0.0, 0
-    if rank == 0 and resumed:
-        # from the checkpoint (it counts sessions killed after it); older checkpoints lack
-        # these, and then summary.json has what the sessions that ended cleanly recorded
-        summary_path = run_dir / "summary.json"
-        before = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        seconds_before = resumed.get("train_seconds", before.get("train_seconds", 0.0))
-        sessions_before = resumed.get("sessions", before.get("sessions", 1))
-    if rank == 0:
-        ckpt_cb = cbs.CheckpointCallback(
+            callbacks.append(stopper)
+            state_cbs["early_stopping"] = stopper
+        if cfg.stop_at is not None or cfg.time_limit > 0 or cfg.deadline > 0:
+            callbacks.append(
+                cbs.StopCondition(
+                    hvd_tf,
+                    cfg.monitor,
+                    cfg.stop_at,
+                    cfg.time_limit,
+                    self.log,
+                    deadline=cfg.deadline,
+                )
+            )
+        if self.resumed:
+            callbacks.append(
+                cbs.RestoreStateCallback(
+                    state_cbs, self.resumed.get("callbacks", {}), self.resumed.get("learning_rate")
+                )
+            )
+        if cfg.record_samples:
+            self.feed.train.recorder = cbs.ProducedIds()
+            callbacks.append(cbs.SampleRecorder(hvd_tf, self.feed.train, self.run_dir))
+        if self.rank == 0:
+            callbacks += self.rank0_callbacks(state_cbs)
+        return callbacks
+
+    def rank0_callbacks(self, state_cbs: dict[str, Any]) -> list[Any]:
+        """Checkpoints, history.csv, TensorBoard and the progress log."""
+        import tf_keras as keras
+
+        from train import callbacks as cbs
+
+        cfg, run_dir = self.cfg, self.run_dir
+        self.checkpoints = cbs.CheckpointCallback(
             run_dir,
             cfg.monitor,
             cfg.checkpoint_every,
             cfg.epochs,
             state_cbs,
-            resumed.get("best") if resumed else None,
-            seconds_before=seconds_before,
-            session=sessions_before + 1,
+            self.resumed.get("best") if self.resumed else None,
+            seconds_before=self.seconds_before,
+            session=self.sessions_before + 1,
             keep_every=cfg.keep_every,
         )
-        progress = cbs.ProgressLog(
-            log, feed.train.steps_per_epoch * cfg.batch_size * size, cfg.epochs
-        )
-        callbacks += [
-            ckpt_cb,
-            keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=bool(resumed)),
+        samples_per_epoch = self.feed.train.steps_per_epoch * cfg.batch_size * self.size
+        return [
+            self.checkpoints,
+            keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=bool(self.resumed)),
             keras.callbacks.TensorBoard(
                 log_dir=str(run_dir / "logs"),
                 update_freq="epoch",
                 profile_batch=0,
                 write_graph=False,
             ),
-            progress,
+            cbs.ProgressLog(self.log, samples_per_epoch, cfg.epochs),
         ]
 
-    train_ds = make_dataset(feed.train, initial_epoch, channels, 3)
-    val_ds = make_dataset(feed.val, 0, channels, 3)
-    t0 = time.perf_counter()
-    history = model.fit(
-        train_ds,
-        steps_per_epoch=feed.train.steps_per_epoch,
-        epochs=cfg.epochs,
-        initial_epoch=initial_epoch,
-        validation_data=val_ds,
-        validation_steps=feed.val.steps_per_epoch,
-        callbacks=callbacks,
-        verbose=0,
-    )
-    seconds = time.perf_counter() - t0
-    # every rank's final weights, compared by digest: Horovod keeps them identical
-    digests = hvd_tf.allgather_object(checkpoint.state_digest(model.get_weights()))
+    def write_summary(
+        self, config: dict[str, Any], epochs_done: int, seconds: float, digests: list[str]
+    ) -> None:
+        """Rank 0: summary.json and basic_info.txt, and the closing log line."""
+        from preprocess.dataset_format import write_json_atomic
+        from preprocess.kits import atomic_path
+        from train.runtime import basic_info
 
-    if rank == 0:
-        epochs_done = initial_epoch + len(history.history.get("loss", []))
+        cfg, ckpt, manifest = self.cfg, self.checkpoints, self.feed.manifest
         summary = {
             "n_train": manifest["splits"]["train"]["n_samples"],
             "n_val": manifest["splits"]["val"]["n_samples"],
             "epochs_done": epochs_done,
             "stopped_epoch": epochs_done if epochs_done < cfg.epochs else None,
-            "best_value": ckpt_cb.best_value,
-            "best_epoch": ckpt_cb.best_epoch,
-            "train_seconds": seconds_before + seconds,
-            "sessions": sessions_before + 1,
+            "best_value": ckpt.best_value,
+            "best_epoch": ckpt.best_epoch,
+            "train_seconds": self.seconds_before + seconds,
+            "sessions": self.sessions_before + 1,
             "note": os.environ.get("KITS_RUN_NOTE", ""),
             "weights_digest_per_rank": digests,
         }
-        from preprocess.dataset_format import write_json_atomic
-
-        write_json_atomic(summary, run_dir / "summary.json")
-        info = basic_info(config, summary)
-        tmp = run_dir / ".basic_info.txt.tmp"
-        tmp.write_text(info)
-        os.replace(tmp, run_dir / "basic_info.txt")
+        write_json_atomic(summary, self.run_dir / "summary.json")
+        info_path = self.run_dir / "basic_info.txt"
+        tmp = atomic_path(info_path)
+        tmp.write_text(basic_info(config, summary))
+        os.replace(tmp, info_path)
         best = (
-            f"{cfg.monitor} {ckpt_cb.best_value:.4f} at epoch {ckpt_cb.best_epoch}"
-            if ckpt_cb.best_value is not None
+            f"{cfg.monitor} {ckpt.best_value:.4f} at epoch {ckpt.best_epoch}"
+            if ckpt.best_value is not None
             else "no validation metric"
         )
-        log.info(f"done: {epochs_done} epochs in {seconds:.0f}s; best {best}; run folder {run_dir}")
-    return 0
+        self.log.info(
+            f"done: {epochs_done} epochs in {seconds:.0f}s; best {best}; run folder {self.run_dir}"
+        )
+
+
+def fit(
+    cfg: Any,
+    model: Any,
+    feed: Any,
+    config: dict[str, Any],
+    initial_epoch: int,
+    callbacks: list[Any],
+) -> tuple[Any, float]:
+    """model.fit over the rank's batch sources; returns the history and the seconds it took."""
+    from train.data import make_dataset
+
+    channels, n_classes = config["input_shape"][-1], config["n_classes"]
+    t0 = time.perf_counter()
+    history = model.fit(
+        make_dataset(feed.train, initial_epoch, channels, n_classes),
+        steps_per_epoch=feed.train.steps_per_epoch,
+        epochs=cfg.epochs,
+        initial_epoch=initial_epoch,
+        validation_data=make_dataset(feed.val, 0, channels, n_classes),
+        validation_steps=feed.val.steps_per_epoch,
+        callbacks=callbacks,
+        verbose=0,
+    )
+    return history, time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
