@@ -89,7 +89,7 @@ def warm_up(loaded: Any, batch_size: int | None) -> float:
     """Trace the prediction function for full and partial batches on a dummy volume; seconds."""
     import numpy as np
 
-    from train.inference import default_batch_size, predict_volume, preprocessing_params
+    from train.inference import default_batch_size, preprocessing_params, segment_volume
 
     prep = preprocessing_params(loaded.config)
     is_3d = prep.block_depth is not None
@@ -98,14 +98,14 @@ def warm_up(loaded: Any, batch_size: int | None) -> float:
     n_slices = 2 * prep.block_depth if is_3d else batch + 1
     volume = np.random.default_rng(0).normal(0, 300, (n_slices, 64, 64)).astype(np.float32)
     with common.Stopwatch() as sw:
-        predict_volume(loaded.model, volume, loaded.config, batch_size)
+        segment_volume(loaded.model, volume, (1.0, 1.0), loaded.config, batch_size)
     return sw.seconds
 
 
 def bench_model(
     name: str, quick: bool, kits: Path, cases: list[int], batch_size: int | None, tmp: Path
 ) -> dict[str, Any]:
-    from preprocess.kits import IMAGING, case_name
+    from preprocess.kits import IMAGING, case_folder, case_name
     from tests.inference_runs import make_run
     from train.inference import DEFAULT_OVERLAP, default_batch_size, load_model
     from train.predict import TIMING_KEYS, Job, predict_job
@@ -123,7 +123,7 @@ def bench_model(
     volumes = []
     for c in cases:
         job = Job(
-            kits / case_name(c) / IMAGING, tmp / "out" / f"{case_name(c)}.nii.gz", case_name(c)
+            case_folder(kits, c) / IMAGING, tmp / "out" / f"{case_name(c)}.nii.gz", case_name(c)
         )
         with common.Stopwatch() as wall:
             times = predict_job(

@@ -30,6 +30,7 @@ def run_config(
     class_weights: list[float] | None = None,
     dataset_dir: str | None = None,
     manifest_sha256: str | None = None,
+    target_spacing: float | None = None,
 ) -> dict[str, Any]:
     """A config.json as train.train writes it (only what inference reads is filled in)."""
     is_3d = len(input_shape) == 4
@@ -50,6 +51,7 @@ def run_config(
             "channels": input_shape[-1],
             "normalization": {"hu_min": HU_WINDOW[0], "hu_max": HU_WINDOW[1], "scale": "uint8"},
             "mask_method": "area_rescue",
+            "target_spacing": target_spacing,
         },
         "train": {},
         "n_ranks": 1,
@@ -99,3 +101,15 @@ def write_ct(path: Path, array: np.ndarray, affine: np.ndarray | None = None) ->
     affine = kits_affine((2.5, 0.8, 0.8)) if affine is None else affine
     nib.save(nib.Nifti1Image(array, affine), str(path))
     return path
+
+
+def reoriented(
+    array: np.ndarray, affine: np.ndarray, axcodes: tuple[str, str, str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same voxels in the same world places, stored with array axes along ``axcodes``
+    (e.g. ("R", "A", "S")): what another converter would have written."""
+    from nibabel import orientations as ornt
+
+    transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(axcodes))
+    moved = ornt.apply_orientation(array, transform)
+    return np.ascontiguousarray(moved), affine @ ornt.inv_ornt_aff(transform, array.shape)

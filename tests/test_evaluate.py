@@ -1,67 +1,26 @@
-"""Evaluation (train.evaluate): KiTS19 per-case metrics, JC_w on the test split, result files."""
+"""Evaluation (train.evaluate): JC_w on the test split, whole volumes and real-CT slice folders,
+result files, bad input."""
 
 from __future__ import annotations
 
 import csv
 import json
 
+import cv2
 import numpy as np
 import pytest
 from conftest import write_simple_kits
-from inference_runs import SIZE, make_run
+from inference_runs import SIZE, make_run, synthetic_ct
 
 from preprocess.dataset_format import load_manifest, manifest_sha256, read_shard, shard_paths
+from preprocess.kits import write_case
 from preprocess.pipeline import PreprocessConfig
 from preprocess.pipeline import run as preprocess_run
 from train import evaluate
-from train.losses import np_weighted_jaccard_from_confusion
+from train.metrics import np_weighted_jaccard_from_confusion
+from train.volume_eval import PER_CASE_COLUMNS
 
 TEST_CASES = [6, 7]
-
-
-# --------------------------------------------------------------------------------------------
-# KiTS19 metrics on hand-made cases
-# --------------------------------------------------------------------------------------------
-
-
-def _case():
-    truth = np.zeros((2, 4, 5), np.uint8)
-    truth[0, :2, :] = 1  # 10 kidney voxels
-    truth[0, 0, :2] = 2  # 2 of them tumor
-    return truth
-
-
-def test_perfect_prediction_scores_one():
-    truth = _case()
-    assert evaluate.kits_case_metrics(truth, truth) == {"kidney_dice": 1.0, "tumor_dice": 1.0}
-
-
-def test_empty_prediction_scores_zero():
-    truth = _case()
-    empty = np.zeros_like(truth)
-    assert evaluate.kits_case_metrics(truth, empty) == {"kidney_dice": 0.0, "tumor_dice": 0.0}
-
-
-def test_tumor_dice_convention_when_empty():
-    truth = _case()
-    truth[truth == 2] = 1  # no tumor in the truth
-    assert evaluate.kits_case_metrics(truth, truth)["tumor_dice"] == 1.0  # both empty
-    pred = truth.copy()
-    pred[1, 3, 4] = 2  # one false tumor voxel
-    assert evaluate.kits_case_metrics(truth, pred)["tumor_dice"] == 0.0  # only one empty
-
-
-def test_known_overlap_matches_hand_computation():
-    truth = _case()
-    pred = np.zeros_like(truth)
-    pred[0, 1:3, :] = 1  # 10 voxels predicted, 5 of them in the truth's kidney+tumor
-    pred[0, 0, 0] = 2  # one tumor voxel right (TP 1), truth tumor has 2 (FN 1)
-    pred[1, 0, 0] = 2  # and one wrong (FP 1)
-    # kidney+tumor: truth 10 voxels, prediction 12, overlap 6 -> 2*6 / (10 + 12)
-    # tumor: truth 2, prediction 2, overlap 1 -> 2*1 / (2 + 2)
-    scores = evaluate.kits_case_metrics(truth, pred)
-    assert scores["kidney_dice"] == pytest.approx(12 / 22)
-    assert scores["tumor_dice"] == pytest.approx(0.5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +91,7 @@ def test_evaluate_writes_metrics_per_case_and_results(run2d, kits_and_data, tmp_
     with open(out / "per_case.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["case"] for r in rows] == ["case_00006", "case_00007"]
-    assert list(rows[0]) == list(evaluate.PER_CASE_COLUMNS)
+    assert list(rows[0]) == list(PER_CASE_COLUMNS)
     kidney = [float(r["kidney_dice"]) for r in rows]
     assert vol["kidney_dice_mean"] == pytest.approx(np.mean(kidney), abs=1e-6)
     assert all(0.0 <= float(r["tumor_dice"]) <= 1.0 for r in rows)
@@ -231,3 +190,57 @@ def test_help_explains(capsys):
     text = capsys.readouterr().out
     for word in ("--run", "--kits", "--cases", "--data", "--out", "JC_w", "tumor Dice"):
         assert word in text
+
+
+def _slice_folder(root):
+    """Real-CT style: one-slice cases named case_XXXXX_sNNN, some empty, one in RAS order."""
+    kits = root / "slices"
+    for case_id, content in ((10, "tumor"), (11, "kidney"), (12, "empty"), (13, "empty")):
+        hu, seg = synthetic_ct(n_slices=5, height=40, width=48, seed=case_id)
+        z = {"tumor": 4, "kidney": 2, "empty": 0}[content]
+        folder = write_case(kits, case_id, hu[z : z + 1], seg[z : z + 1], (1.0, 0.78, 0.78))
+        folder.rename(kits / f"{folder.name}_s{100 + case_id}")
+    return kits
+
+
+def test_real_ct_slice_folder_headline_csv_and_worst_overlays(run2d, tmp_path):
+    kits = _slice_folder(tmp_path)
+    out = tmp_path / "eval"
+    argv = ["--run", str(run2d), "--kits", str(kits), "--volumes-only", "--out", str(out)]
+    assert evaluate.main(argv + ["--overlays", "3", "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    vol = metrics["volumes"]
+    assert vol["cases"] == [f"case_000{c}_s1{c}" for c in (10, 11, 12, 13)]
+    with open(out / "per_case.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    head = vol["headline"]
+    assert (head["n_kidney"], head["n_tumor"], head["n_empty"]) == (2, 1, 2)
+    kidney = [float(r["kidney_dice"]) for r in rows if int(r["true_kidney_tumor_voxels"]) > 0]
+    assert head["kidney_tumor_dice"] == pytest.approx(np.mean(kidney), abs=1e-6)
+    assert head["tumor_dice"] == pytest.approx(float(rows[0]["tumor_dice"]), abs=1e-6)
+    marked = [int(r["pred_kidney_tumor_voxels"]) > 50 for r in rows[2:]]
+    assert head["empty_fp_rate"] == pytest.approx(sum(marked) / 2)
+    assert [int(r["empty_slices"]) for r in rows] == [0, 0, 1, 1]
+    pngs = sorted((out / "overlays").glob("case_*_z0000.png"))
+    assert len(pngs) == 3
+    assert cv2.imread(str(pngs[0])).shape == (40, 2 * 48 + 4, 3)
+    assert "| kidney+tumor Dice |" in (out / "results.md").read_text()
+
+
+def test_an_out_that_is_a_file_exits_2(run2d, kits_and_data, tmp_path, capsys):
+    kits, _ = kits_and_data
+    a_file = tmp_path / "metrics"
+    a_file.write_text("keep me")
+    argv = ["--run", str(run2d), "--kits", str(kits), "--cases", "6", "--out", str(a_file)]
+    assert evaluate.main(argv) == 2
+    assert f"{a_file}: --out names an existing file" in capsys.readouterr().err
+    assert a_file.read_text() == "keep me"
+
+
+def test_a_dataset_on_another_grid_than_the_model_is_refused(kits_and_data, tmp_path, capsys):
+    _, data = kits_and_data
+    run = make_run(tmp_path / "run", dataset_dir=str(data), target_spacing=1.5)
+    code = evaluate.main(["--run", str(run), "--out", str(tmp_path / "eval")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{data}: slices on a grid of whole slices resized, the model's are on 1.5 mm" in err

@@ -1,25 +1,23 @@
-"""The inference core (train.inference): preprocessing, sliding windows, resampling, checks."""
+"""The inference core (train.inference): model loading and segmenting a canonical volume."""
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import pytest
 from inference_runs import SIZE, make_run, run_config, synthetic_ct
 
-from preprocess.kits import kits_affine
 from preprocess.resize import resize_images, window_to_uint8
 from train.inference import (
     InferenceError,
-    blend_windows,
-    check_affine,
-    gaussian_weights,
-    keep_largest_components,
-    labels_to_original,
+    checked_preprocessing,
     load_model,
-    predict_volume,
-    preprocess_volume,
-    window_starts,
+    preprocessing_params,
+    segment_volume,
 )
+from train.model_grid import grid_geometry, labels_from_grid
+from train.sliding_window import window_starts
 
 
 @pytest.fixture(scope="module")
@@ -28,173 +26,88 @@ def run2d(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run3d(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("run3d"), "unet3d", (8, SIZE, SIZE, 3))
-
-
-@pytest.fixture(scope="module")
 def model2d(run2d):
     return load_model(run2d)
 
 
-@pytest.fixture(scope="module")
-def model3d(run3d):
-    return load_model(run3d)
+class RecordingModel:
+    """A deterministic stand-in for a Keras model: records its inputs; 'kidney' where bright."""
+
+    def __init__(self) -> None:
+        self.inputs: list[np.ndarray] = []
+
+    def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
+        self.inputs.append(np.array(batch))
+        kidney = (batch[..., 0] > 0.6).astype(np.float32)
+        return np.stack([1 - kidney, kidney, np.zeros_like(kidney)], axis=-1)
 
 
-def test_preprocess_volume_is_the_training_preprocessing():
-    # 40x48 -> 32x32 is a non-integer shrink: OpenCV's INTER_AREA then takes at most 4
-    # channels per call (preprocess.resize chunks for it; 12 slices here)
-    hu, _ = synthetic_ct()
-    config = run_config("unet2d", (SIZE, SIZE, 3), {})
-    x = preprocess_volume(hu, config)
-    expected = resize_images(window_to_uint8(hu, -512, 512), SIZE).astype(np.float32) / 255
-    assert x.shape == (hu.shape[0], SIZE, SIZE, 3) and x.dtype == np.float32
+def _expected_input(hu):
+    return resize_images(window_to_uint8(hu, -512, 512), SIZE).astype(np.float32) / 255
+
+
+def test_2d_segmentation_is_training_preprocessing_then_labels_back(model2d):
+    hu, _ = synthetic_ct(n_slices=7)
+    stand_in = RecordingModel()
+    labels = segment_volume(stand_in, hu, (0.8, 0.8), model2d.config, batch_size=3)
+    x = np.concatenate(stand_in.inputs)
+    assert x.shape == (7, SIZE, SIZE, 3) and [len(b) for b in stand_in.inputs] == [3, 3, 1]
     for c in range(3):
-        np.testing.assert_array_equal(x[..., c], expected)
-
-
-def test_gaussian_weights_symmetric_peaked_and_sigma():
-    for depth in (8, 32, 33):
-        w = gaussian_weights(depth)
-        np.testing.assert_allclose(w, w[::-1], rtol=0, atol=1e-7)
-        assert w.max() == pytest.approx(1.0) and np.all(w > 0)
-        centre = (depth - 1) / 2
-        sigma = 0.125 * depth
-        z = np.arange(depth)
-        expected = np.exp(-((z - centre) ** 2) / (2 * sigma**2))
-        np.testing.assert_allclose(w, expected / expected.max(), rtol=1e-6)
-    assert np.argmax(gaussian_weights(33)) == 16
-
-
-def test_window_starts_cover_the_volume_with_overlap():
-    assert window_starts(32, 32) == [0]
-    assert window_starts(5, 32) == [0]
-    starts = window_starts(100, 32, 0.5)
-    assert starts[:3] == [0, 16, 32] and starts[-1] == 100 - 32
-    covered = np.zeros(100, int)
-    for s in starts:
-        covered[s : s + 32] += 1
-    assert covered.min() >= 1 and covered.max() <= 3
-    assert window_starts(40, 8, 0.0) == [0, 8, 16, 24, 32]
-
-
-def test_blend_windows_is_the_weighted_average_and_sums_to_one():
-    depth, n = 4, 6
-    w = gaussian_weights(depth)
-    starts = [0, 2]
-    a = np.zeros((depth, 1, 1, 3), np.float32)
-    a[..., 1] = 1.0  # window 0 says kidney everywhere
-    b = np.zeros((depth, 1, 1, 3), np.float32)
-    b[..., 2] = 1.0  # window 1 says tumor everywhere
-    out = blend_windows([a, b], starts, n, w)
-    np.testing.assert_allclose(out.sum(axis=-1), 1.0, rtol=1e-6)
-    # slice 2 is a's 3rd slice and b's 1st: kidney share w[2] / (w[2] + w[0])
-    np.testing.assert_allclose(out[2, 0, 0, 1], w[2] / (w[2] + w[0]), rtol=1e-6)
-    np.testing.assert_allclose(out[3, 0, 0, 2], w[1] / (w[3] + w[1]), rtol=1e-6)
-    np.testing.assert_allclose(out[0, 0, 0], [0, 1, 0])  # only window a
-    np.testing.assert_allclose(out[5, 0, 0], [0, 0, 1])  # only window b
-    # equal windows blend to themselves, whatever the weights
-    same = blend_windows([a, a], starts, n, w)
-    np.testing.assert_allclose(same, np.broadcast_to(a[:1], same.shape), rtol=1e-6)
-
-
-def test_sliding_window_equals_single_window_when_volume_is_one_block(model3d):
-    hu, _ = synthetic_ct(n_slices=8, height=SIZE, width=SIZE)
-    probs = predict_volume(model3d.model, hu, model3d.config)
-    x = preprocess_volume(hu, model3d.config)
-    single = model3d.model.predict_on_batch(x[None])[0]
-    assert probs.shape == (8, SIZE, SIZE, 3)
-    np.testing.assert_allclose(probs, single, rtol=1e-5, atol=1e-6)
-
-
-def test_thin_volume_is_padded_and_cropped(model3d):
-    hu, _ = synthetic_ct(n_slices=5, height=40, width=40)
-    probs = predict_volume(model3d.model, hu, model3d.config)
-    x = preprocess_volume(hu, model3d.config)
-    padded = np.concatenate([x, np.zeros((3, *x.shape[1:]), np.float32)])
-    expected = model3d.model.predict_on_batch(padded[None])[0, :5]
-    assert probs.shape == (5, SIZE, SIZE, 3)
-    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
-
-
-def test_sliding_window_on_a_long_volume(model3d):
-    hu, _ = synthetic_ct(n_slices=19, height=40, width=48)
-    seen = []
-    probs = predict_volume(
-        model3d.model, hu, model3d.config, batch_size=2, progress=lambda d, t: seen.append((d, t))
-    )
-    assert probs.shape == (19, SIZE, SIZE, 3)
-    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, rtol=1e-5)
-    n_windows = len(window_starts(19, 8))
-    assert seen[-1] == (n_windows, n_windows)
+        np.testing.assert_array_equal(x[..., c], _expected_input(hu))
+    probs = stand_in.predict_on_batch(x)
+    geom = grid_geometry(hu.shape[1:], None, None, SIZE)
+    np.testing.assert_array_equal(labels, labels_from_grid(probs, geom))
+    assert labels.shape == hu.shape and labels.dtype == np.uint8
 
 
 def test_2d_prediction_does_not_depend_on_batch_size(model2d):
     hu, _ = synthetic_ct(n_slices=7)
     timings: dict[str, float] = {}
-    one = predict_volume(model2d.model, hu, model2d.config, batch_size=1, timings=timings)
-    many = predict_volume(model2d.model, hu, model2d.config, batch_size=5)
-    assert one.shape == (7, SIZE, SIZE, 3)
-    np.testing.assert_allclose(one, many, rtol=1e-5, atol=1e-6)
-    assert set(timings) == {"preprocess", "network"}
+    config = model2d.config
+    one = segment_volume(model2d.model, hu, None, config, batch_size=1, timings=timings)
+    many = segment_volume(model2d.model, hu, None, config, batch_size=5)
+    np.testing.assert_array_equal(one, many)
+    assert set(timings) == {"preprocess", "network", "resample"}
 
 
-def test_labels_to_original_upsamples_probabilities_then_argmax():
-    probs = np.zeros((2, 4, 4, 3), np.float32)
-    probs[..., 0] = 1.0
-    probs[0, :2, :2] = [0, 1, 0]  # kidney in the top-left quarter of slice 0
-    probs[1, 2:, 2:] = [0, 0, 1]  # tumor in the bottom-right quarter of slice 1
-    labels = labels_to_original(probs, (2, 8, 12))
-    assert labels.shape == (2, 8, 12) and labels.dtype == np.uint8
-    assert set(np.unique(labels)) == {0, 1, 2}
-    assert labels[0, 0, 0] == 1 and labels[0, 7, 11] == 0 and labels[1, 7, 11] == 2
-    assert (labels[0] == 1).sum() == pytest.approx(8 * 12 / 4, rel=0.3)
-    same = labels_to_original(probs, (2, 4, 4))
-    np.testing.assert_array_equal(same, probs.argmax(-1))
-    with pytest.raises(ValueError):
-        labels_to_original(probs, (3, 8, 8))
-
-
-def test_keep_largest_components_removes_small_islands():
-    labels = np.zeros((10, 20, 20), np.uint8)
-    labels[2:8, 2:8, 2:8] = 1
-    labels[4:6, 4:6, 4:6] = 2  # tumor inside the first kidney
-    labels[2:8, 12:18, 12:18] = 1
-    labels[9, 19, 0] = 1  # a one-voxel island
-    labels[0, 10, 10] = 2  # a tumor island
-    out = keep_largest_components(labels, n=2)
-    expected = labels.copy()
-    expected[9, 19, 0] = 0
-    expected[0, 10, 10] = 0
-    np.testing.assert_array_equal(out, expected)
-    only_one = keep_largest_components(labels, n=1)
-    assert (only_one[2:8, 12:18, 12:18] == 0).all() and (only_one[4:6, 4:6, 4:6] == 2).all()
-    # a diagonal neighbour between slices belongs to the component (26-connectivity)
-    diag = np.zeros((3, 3, 3), np.uint8)
-    diag[0, 0, 0] = diag[1, 1, 1] = diag[2, 2, 2] = 1
-    np.testing.assert_array_equal(keep_largest_components(diag, n=1), diag)
-    assert not keep_largest_components(np.zeros((2, 2, 2), np.uint8)).any()
-
-
-def test_check_affine_accepts_kits_layout_and_flips_rejects_oblique_and_non_axial():
-    check_affine(kits_affine((2.5, 0.78, 0.78)), "ok.nii.gz")
-    flipped = np.diag([0.8, 0.8, 3.0, 1.0])[[2, 1, 0, 3]]  # axis 0 -> +z, other signs flipped
-    flipped[:3, :3] = np.abs(flipped[:3, :3])
-    check_affine(flipped, "flipped.nii.gz")
-    angle = np.deg2rad(15)
-    rot = np.array(
-        [[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]]
+def test_3d_sliding_window_and_a_thin_volume_padded_with_a_message(tmp_path, caplog):
+    loaded = load_model(make_run(tmp_path / "run3d", "unet3d", (8, SIZE, SIZE, 3)))
+    hu, _ = synthetic_ct(n_slices=19, height=40, width=48)
+    seen = []
+    labels = segment_volume(
+        loaded.model, hu, None, loaded.config, 2, progress=lambda d, t: seen.append((d, t))
     )
-    oblique = kits_affine((2.5, 0.8, 0.8))
-    oblique[:3, :3] = rot @ oblique[:3, :3]
-    with pytest.raises(InferenceError, match="oblique.nii.gz: oblique"):
-        check_affine(oblique, "oblique.nii.gz")
-    sagittal = np.diag([2.5, 0.8, 0.8, 1.0])  # array axis 0 along world x
-    with pytest.raises(InferenceError, match="sag.nii.gz: array axis 0 runs along world x"):
-        check_affine(sagittal, "sag.nii.gz")
-    with pytest.raises(InferenceError, match="zero voxel spacing"):
-        check_affine(np.diag([0.0, 1, 1, 1]), "z.nii.gz")
+    assert labels.shape == hu.shape
+    n_windows = len(window_starts(19, 8))
+    assert seen[-1] == (n_windows, n_windows)
+    # one block: the same as the network on that block
+    x = _expected_input(hu[:8])
+    single = loaded.model.predict_on_batch(np.repeat(x[None, ..., None], 3, axis=-1))[0]
+    geom = grid_geometry(hu.shape[1:], None, None, SIZE)
+    one_block = segment_volume(loaded.model, hu[:8], None, loaded.config)
+    np.testing.assert_array_equal(one_block, labels_from_grid(np.asarray(single), geom))
+    with caplog.at_level(logging.INFO, logger="train"):
+        thin = segment_volume(loaded.model, hu[:1], None, loaded.config, name="thin.nii.gz")
+    assert thin.shape == (1, 40, 48)
+    assert "thin.nii.gz: 1 slice(s), fewer than the 3D model's window of 8: padded" in caplog.text
+
+
+def test_target_spacing_is_replayed_from_the_run_config():
+    config = run_config("unet2d", (SIZE, SIZE, 3), {}, target_spacing=1.0)
+    assert preprocessing_params(config).target_spacing == 1.0
+    # a 20 mm bright square on 0.5 mm pixels: 20 pixels wide on the model's grid at 1 mm
+    hu = np.full((2, 60, 60), -1000.0, np.float32)
+    hu[:, 20:60, 10:50] = 300.0
+    stand_in = RecordingModel()
+    labels = segment_volume(stand_in, hu, (0.5, 0.5), config)
+    seen = stand_in.inputs[0][0, ..., 0] > 0.5
+    assert seen.sum(axis=0).max() == 20 and seen.sum(axis=1).max() == 20
+    assert labels.shape == hu.shape and labels[0, 40, 30] == 1 and labels[0, 5, 5] == 0
+    with pytest.raises(ValueError, match="spacing needed"):
+        segment_volume(stand_in, hu, None, config)
+    bad = run_config("unet2d", (SIZE, SIZE, 3), {}, target_spacing=-1.0)
+    with pytest.raises(InferenceError, match="target_spacing -1.0"):
+        checked_preprocessing(bad, None)
 
 
 def test_mismatched_weights_name_the_file_and_the_model(run2d, tmp_path):

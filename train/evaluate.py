@@ -9,17 +9,21 @@ Two evaluations, each run when its data is available:
    exists): weighted Jaccard JC_w with the run's class weights, and per-class Dice and Jaccard,
    at model resolution (128x128), the setting of the thesis's Tables 5.1 and 5.2. Counts are
    pooled over every voxel of every real test sample (``is_padding`` samples are skipped), with
-   the definitions of ``train.losses`` (``np_weighted_jaccard_from_confusion``: a class absent
+   the definitions of ``train.metrics`` (``np_weighted_jaccard_from_confusion``: a class absent
    from both truth and prediction scores 1.0).
-2. **Whole volumes** at original resolution (``--kits``): the KiTS19 challenge metrics per case,
-   kidney+tumor Dice (label > 0) and tumor Dice (label == 2), and their means over cases. A case
-   with no tumor in the truth and none predicted scores tumor Dice 1.0; a case where only one of
-   them has tumor scores 0.0 (``train.losses.np_dice``). Default cases: the test split of the
-   dataset's manifest, else every case in KITS_DIR.
+2. **Whole volumes** at original resolution (``--kits``, ``train.volume_eval``): a folder of
+   KiTS19-format cases, real or synthetic, whole volumes or single slices (``case_XXXXX_sNNN``),
+   in any axis-aligned orientation. Per case kidney+tumor Dice (label > 0) and tumor Dice
+   (label == 2), their means over cases, and the headline figures (``volumes.headline`` in
+   metrics.json): kidney+tumor Dice over the cases holding kidney, tumor Dice over those holding
+   tumor, and the share of empty slices given more than 50 false-positive pixels. Default
+   cases: the test split of the dataset's manifest, else every case in KITS_DIR.
 
-Writes ``DIR/metrics.json`` (everything), ``DIR/per_case.csv`` (one row per volume) and
-``DIR/results.md`` (a Markdown table beside the thesis's numbers), each atomically.
-Exit codes: 0 done; 2 bad input (missing or inconsistent files, named in the message); 1 other.
+Writes ``DIR/metrics.json`` (everything), ``DIR/per_case.csv`` (one row per volume),
+``DIR/results.md`` (a Markdown table beside the thesis's numbers), each atomically, and
+``DIR/overlays/`` (reference and prediction side by side on the worst cases).
+Exit codes: 0 done; 2 bad input (missing or inconsistent files, an output that is a file,
+named in the message); 1 other.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import logging
 import os
 import sys
 import time
@@ -44,113 +49,47 @@ from preprocess.dataset_format import (
     shard_paths,
     write_json_atomic,
 )
-from preprocess.kits import (
-    CaseError,
-    atomic_path,
-    case_name,
-    list_cases,
-    load_case,
-    parse_case_list,
-)
+from preprocess.kits import N_CLASSES, CaseError, atomic_path, list_cases, parse_case_list
 from train.inference import (
-    DEFAULT_OVERLAP,
-    InferenceError,
     LoadedModel,
-    TextProgress,
-    check_affine,
-    check_ct_header,
+    add_inference_options,
+    add_model_arguments,
     check_inference_args,
+    check_output_dir,
     checked_preprocessing,
+    configure_logging,
     default_batch_size,
-    format_seconds,
     instantiate,
-    keep_largest_components,
-    labels_to_original,
-    predict_volume,
     preprocessing_params,
+    progress_bar,
     resolve_model_source,
-    write_labels,
 )
-from train.losses import (
-    CLASS_NAMES,
-    np_confusion_matrix,
-    np_dice,
-    np_dice_per_class,
-    np_jaccard_per_class,
-    np_weighted_jaccard_from_confusion,
+from train.metrics import np_confusion_matrix
+from train.volume_eval import (
+    DEFAULT_OVERLAYS,
+    EMPTY_FP_PIXELS,
+    PER_CASE_COLUMNS,
+    TUMOR_DICE_CONVENTION,
+    evaluate_volumes,
+    scores_from_confusion,
 )
+from train.volumes import InferenceError
+
+log = logging.getLogger("train.evaluate")
 
 EXIT_BAD_INPUT = 2
 TEST_SPLIT = "test"
-TUMOR_DICE_CONVENTION = (
-    "tumor Dice 2TP/(2TP+FP+FN) of label == 2 per case; 1.0 when neither truth nor prediction "
-    "has tumor, 0.0 when only one of them has"
-)
-PER_CASE_COLUMNS = (
-    "case",
-    "n_slices",
-    "height",
-    "width",
-    "spacing_z",
-    "spacing_y",
-    "spacing_x",
-    "kidney_dice",
-    "tumor_dice",
-    "true_kidney_tumor_voxels",
-    "pred_kidney_tumor_voxels",
-    "true_tumor_voxels",
-    "pred_tumor_voxels",
-    "seconds",
-)
-#: Slices per confusion-matrix chunk at full resolution (an int64 index per voxel otherwise).
-_CM_CHUNK = 32
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------
-
-
-def kits_case_metrics(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """KiTS19 per-case scores: kidney+tumor Dice (label > 0) and tumor Dice (label == 2).
-
-    Both use ``train.losses.np_dice``: empty in truth and prediction -> 1.0, empty in only one
-    -> 0.0 (there 2TP = 0 over a positive denominator).
-    """
-    return {"kidney_dice": np_dice(truth, pred, (1, 2)), "tumor_dice": np_dice(truth, pred, 2)}
-
-
-def confusion_matrix_chunked(truth: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """``np_confusion_matrix`` summed over chunks of slices (bounded memory on whole CTs)."""
-    cm = np.zeros((n_classes, n_classes), np.int64)
-    for start in range(0, truth.shape[0], _CM_CHUNK):
-        end = start + _CM_CHUNK
-        cm += np_confusion_matrix(truth[start:end], pred[start:end], n_classes)
-    return cm
-
-
-def scores_from_confusion(cm: np.ndarray, class_weights: Sequence[float]) -> dict[str, Any]:
-    """JC_w and per-class Dice and Jaccard of a pooled confusion matrix."""
-    names = (
-        list(CLASS_NAMES) if len(cm) == len(CLASS_NAMES) else [f"class{i}" for i in range(len(cm))]
-    )
-    dice = np_dice_per_class(cm)
-    jaccard = np_jaccard_per_class(cm)
-    return {
-        "weighted_jaccard": np_weighted_jaccard_from_confusion(cm, class_weights),
-        "dice": {n: float(v) for n, v in zip(names, dice, strict=True)},
-        "jaccard": {n: float(v) for n, v in zip(names, jaccard, strict=True)},
-        "confusion_matrix": cm.astype(int).tolist(),
-    }
-
 
 # --------------------------------------------------------------------------------------------
 # 1. The preprocessed test split at model resolution
 # --------------------------------------------------------------------------------------------
 
 
-def find_dataset(data: str | None, config: dict[str, Any]) -> tuple[Path | None, str]:
-    """The dataset folder to use and why: ``--data`` (must exist), else config.json's if present."""
+def find_dataset(
+    data: str | None, config: dict[str, Any], run_dir: str | None
+) -> tuple[Path | None, str]:
+    """The dataset folder to use and why: ``--data`` (must exist), else config.json's if present
+    (recorded relative to the run folder)."""
     if data is not None:
         path = Path(data)
         load_manifest(path)  # DatasetError naming the folder if it is not a dataset
@@ -158,10 +97,14 @@ def find_dataset(data: str | None, config: dict[str, Any]) -> tuple[Path | None,
     recorded = (config.get("dataset") or {}).get("dir")
     if not recorded:
         return None, "no dataset given (--data) or recorded in config.json"
-    path = Path(recorded)
+    path = Path(run_dir or ".") / recorded
     if not (path / "manifest.json").is_file():
         return None, f"dataset recorded in config.json ({recorded}) not found"
     return path, "config.json"
+
+
+def _grid_text(target_spacing: float | None) -> str:
+    return "whole slices resized" if target_spacing is None else f"{target_spacing} mm/pixel"
 
 
 def check_dataset_fits(manifest: dict[str, Any], config: dict[str, Any], where: Path) -> None:
@@ -180,6 +123,11 @@ def check_dataset_fits(manifest: dict[str, Any], config: dict[str, Any], where: 
         raise DatasetError(
             f"{where}: image size {manifest.get('image_size')} differs from the model's "
             f"{prep.image_size}"
+        )
+    if manifest.get("target_spacing") != prep.target_spacing:
+        raise DatasetError(
+            f"{where}: slices on a grid of {_grid_text(manifest.get('target_spacing'))}, the "
+            f"model's are on {_grid_text(prep.target_spacing)}"
         )
     if prep.block_depth is not None:
         if manifest.get("kind") != "blocks" or manifest.get("block_depth") != prep.block_depth:
@@ -218,13 +166,13 @@ def evaluate_dataset(
     model on a block dataset sees the blocks' slices one by one.
     """
     prep = preprocessing_params(loaded.config)
-    n_classes = int(loaded.config.get("n_classes", 3))
+    n_classes = int(loaded.config.get("n_classes", N_CLASSES))
     batch_size = batch_size or default_batch_size(loaded.is_3d)
     t0 = time.perf_counter()
     cm = np.zeros((n_classes, n_classes), np.int64)
     n_samples = n_padding = 0
     paths = shard_paths(dataset_dir, TEST_SPLIT, manifest)
-    bar = TextProgress("  test split") if progress else None
+    bar = progress_bar("  test split", progress)
     for k, path in enumerate(paths):
         shard = read_shard(path, ("images", "masks", "is_padding"))
         real = ~shard["is_padding"].astype(bool)
@@ -255,90 +203,6 @@ def evaluate_dataset(
         "seconds": time.perf_counter() - t0,
     }
     return result
-
-
-# --------------------------------------------------------------------------------------------
-# 2. Whole volumes at original resolution (KiTS19 metrics)
-# --------------------------------------------------------------------------------------------
-
-
-def evaluate_volumes(
-    loaded: LoadedModel,
-    kits_dir: Path,
-    cases: Sequence[int],
-    class_weights: Sequence[float],
-    batch_size: int | None = None,
-    overlap: float = DEFAULT_OVERLAP,
-    postprocess: int | None = None,
-    save_dir: Path | None = None,
-    progress: bool = False,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """KiTS19 Dice per case and their means; also JC_w pooled over all voxels of all cases.
-
-    Returns (summary, rows); rows follow :data:`PER_CASE_COLUMNS`. ``save_dir`` also writes
-    each prediction as ``case_XXXXX.nii.gz`` on the case's grid.
-    """
-    n_classes = int(loaded.config.get("n_classes", 3))
-    rows: list[dict[str, Any]] = []
-    cm = np.zeros((n_classes, n_classes), np.int64)
-    for case_id in cases:
-        t0 = time.perf_counter()
-        case = load_case(kits_dir, case_id, require_segmentation=True)
-        imaging_path = Path(kits_dir) / case_name(case_id) / "imaging.nii.gz"
-        check_affine(case.affine, str(imaging_path))
-        bar = TextProgress(f"  {case_name(case_id)}") if progress else None
-        probs = predict_volume(loaded.model, case.imaging, loaded.config, batch_size, overlap, bar)
-        pred = labels_to_original(probs, case.imaging.shape)
-        if postprocess:
-            pred = keep_largest_components(pred, postprocess)
-        truth = case.segmentation
-        assert truth is not None
-        if save_dir is not None:
-            write_labels(
-                pred, check_ct_header(imaging_path), save_dir / f"{case_name(case_id)}.nii.gz"
-            )
-        scores = kits_case_metrics(truth, pred)
-        cm += confusion_matrix_chunked(truth, pred, n_classes)
-        seconds = time.perf_counter() - t0
-        rows.append(
-            {
-                "case": case_name(case_id),
-                "n_slices": truth.shape[0],
-                "height": truth.shape[1],
-                "width": truth.shape[2],
-                "spacing_z": round(case.spacing[0], 6),
-                "spacing_y": round(case.spacing[1], 6),
-                "spacing_x": round(case.spacing[2], 6),
-                "kidney_dice": scores["kidney_dice"],
-                "tumor_dice": scores["tumor_dice"],
-                "true_kidney_tumor_voxels": int(np.count_nonzero(truth)),
-                "pred_kidney_tumor_voxels": int(np.count_nonzero(pred)),
-                "true_tumor_voxels": int(np.count_nonzero(truth == 2)),
-                "pred_tumor_voxels": int(np.count_nonzero(pred == 2)),
-                "seconds": round(seconds, 3),
-            }
-        )
-        print(
-            f"{case_name(case_id)}: kidney+tumor Dice {scores['kidney_dice']:.4f}, "
-            f"tumor Dice {scores['tumor_dice']:.4f} ({format_seconds(seconds)} s)",
-            flush=True,
-        )
-    kidney = [r["kidney_dice"] for r in rows]
-    tumor = [r["tumor_dice"] for r in rows]
-    summary = {
-        "kits_dir": str(kits_dir),
-        "cases": [case_name(c) for c in cases],
-        "n_cases": len(rows),
-        "postprocess": {"keep_largest_components": postprocess} if postprocess else None,
-        "kidney_dice_mean": float(np.mean(kidney)) if rows else None,
-        "tumor_dice_mean": float(np.mean(tumor)) if rows else None,
-        # the KiTS19 leaderboard ranked by the average of the two means
-        "kits_score": float((np.mean(kidney) + np.mean(tumor)) / 2) if rows else None,
-        "tumor_dice_convention": TUMOR_DICE_CONVENTION,
-        "pooled_original_resolution": scores_from_confusion(cm, class_weights),
-        "seconds_per_volume_mean": float(np.mean([r["seconds"] for r in rows])) if rows else None,
-    }
-    return summary, rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,6 +291,17 @@ def results_markdown(metrics: dict[str, Any]) -> str:
             + TUMOR_DICE_CONVENTION[1:]
             + "."
         )
+        head = vol["headline"]
+        lines += [
+            "| Headline | Value | Over |",
+            "|---|---|---|",
+            f"| kidney+tumor Dice | {_fmt(head['kidney_tumor_dice'])} "
+            f"| {head['n_kidney']} cases with kidney |",
+            f"| tumor Dice | {_fmt(head['tumor_dice'])} | {head['n_tumor']} cases with tumor |",
+            f"| empty slices with > {head['empty_fp_pixels']} false-positive pixels "
+            f"| {_fmt(head['empty_fp_rate'])} | {head['n_empty']} empty slices |",
+            "",
+        ]
     else:
         notes.append("- Kidney/Tumor Dice not computed (no --kits folder given).")
     data = [
@@ -467,27 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    src = p.add_argument_group("model (a run folder, or a weights file and a model name)")
-    src.add_argument(
-        "--run",
-        metavar="RUN_DIR",
-        help="training run folder (config.json, "
-        "checkpoints/best.weights.h5, else latest.weights.h5)",
-    )
-    src.add_argument(
-        "--weights",
-        metavar="FILE",
-        help="weights file; with --run it replaces "
-        "the run's checkpoint; alone, config.json is looked for beside it or in "
-        "its parent, else the thesis's preprocessing is assumed",
-    )
-    src.add_argument("--model", metavar="NAME", help="model name, with --weights")
+    add_model_arguments(p)
     data = p.add_argument_group("data")
     data.add_argument(
         "--kits",
         metavar="KITS_DIR",
-        help="KiTS19 folder (case_XXXXX/imaging."
-        "nii.gz + segmentation.nii.gz) for the whole-volume metrics",
+        help="folder of KiTS19-format cases (case_XXXXX/ or case_XXXXX_<tag>/ with "
+        "imaging.nii.gz + segmentation.nii.gz; volumes or single slices, any axis-aligned "
+        "orientation) for the whole-volume metrics",
     )
     data.add_argument(
         "--cases",
@@ -508,90 +370,151 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. shipped weights on new cases)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the result files")
-    opt = p.add_argument_group("inference options")
-    opt.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="slices (2D) or blocks (3D) per batch (default 32 / 2)",
-    )
-    opt.add_argument(
-        "--overlap",
-        type=float,
-        default=DEFAULT_OVERLAP,
-        help="3D sliding-window overlap as a fraction of the block depth (default %(default)s)",
-    )
-    opt.add_argument(
-        "--postprocess",
-        action="store_true",
-        help="keep only the largest 3D "
-        "kidney+tumor components (--components) before scoring volumes",
-    )
-    opt.add_argument(
-        "--components",
-        type=int,
-        default=2,
-        help="components kept by --postprocess (default %(default)s)",
-    )
+    opt = add_inference_options(p)
     opt.add_argument(
         "--save-predictions",
         action="store_true",
-        help="also write each volume's prediction to DIR/predictions/case_XXXXX.nii.gz",
+        help="also write each volume's prediction to DIR/predictions/<case folder>.nii.gz, on "
+        "the case's own grid",
     )
-    opt.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    opt.add_argument(
+        "--overlays",
+        type=int,
+        default=DEFAULT_OVERLAYS,
+        metavar="N",
+        help="PNGs of the N worst cases in DIR/overlays/: the CT with the reference (left) and "
+        "the prediction (right) on its most wrong slice (default %(default)s; 0: none)",
+    )
     return p
 
 
 def _error(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+    log.error("error: %s", msg)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Both evaluations and the three result files; returns the metrics written to JSON."""
-    t0 = time.perf_counter()
-    out = Path(args.out)
-    # Every input is checked before the model is built (the slow part), so mistakes show at once.
-    config, weights_path, config_path = resolve_model_source(args.run, args.weights, args.model)
-    checked_preprocessing(config, config_path)
-    n_classes = int(config.get("n_classes", 3))
-    if args.volumes_only:
-        if args.data:
-            raise InferenceError("--volumes-only and --data exclude each other")
-        dataset_dir, dataset_source = None, "no dataset evaluation (--volumes-only)"
-    else:
-        dataset_dir, dataset_source = find_dataset(args.data, config)
-    manifest = load_manifest(dataset_dir) if dataset_dir else None
-    class_weights, weights_source = class_weights_for(config, manifest, n_classes)
-    kits_dir = Path(args.kits) if args.kits else None
-    if dataset_dir is None and kits_dir is None:
-        raise InferenceError(f"nothing to evaluate: {dataset_source}, and no --kits folder")
+def choose_cases(
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    manifest: dict[str, Any] | None,
+    dataset_dir: Path | None,
+) -> tuple[list[int], str]:
+    """The cases to score on whole volumes and why: --cases, else the test split, else all."""
     if args.cases:
         try:
             cases = parse_case_list(args.cases)
         except ValueError as exc:
             raise InferenceError(f"--cases {args.cases!r}: {exc}") from exc
-        cases_source = "--cases"
+        source = "--cases"
     elif manifest and manifest["splits"].get(TEST_SPLIT, {}).get("cases"):
         cases = [int(c) for c in manifest["splits"][TEST_SPLIT]["cases"]]
-        cases_source = f"test split of {dataset_dir}"
+        source = f"test split of {dataset_dir}"
     elif ((config.get("dataset") or {}).get("splits") or {}).get(TEST_SPLIT):
         # train.train records the split's cases, so this works without the dataset folder
         cases = [int(c) for c in config["dataset"]["splits"][TEST_SPLIT]]
-        cases_source = "test split recorded in config.json"
+        source = "test split recorded in config.json"
     else:
-        cases, cases_source = [], "every case in the KiTS folder"
-    if kits_dir is not None:
-        cases = list_cases(kits_dir, cases or None)  # CaseError if a case is missing
+        cases, source = [], "every case in the KiTS folder"
+    if args.kits is not None:
+        cases = list_cases(Path(args.kits), cases or None)  # CaseError if a case is missing
+    return cases, source
+
+
+def dataset_metrics(
+    args: argparse.Namespace,
+    loaded: LoadedModel,
+    dataset_dir: Path,
+    manifest: dict[str, Any],
+    class_weights: list[float],
+    dataset_source: str,
+) -> dict[str, Any]:
+    """:func:`evaluate_dataset` with where the dataset came from and whether training used it."""
+    ds = evaluate_dataset(
+        loaded, dataset_dir, manifest, class_weights, args.batch_size, not args.no_progress
+    )
+    ds["source"] = dataset_source
+    ds["manifest_sha256"] = manifest_sha256(dataset_dir)
+    trained_on = (loaded.config.get("dataset") or {}).get("manifest_sha256")
+    ds["same_as_training_dataset"] = (
+        None if trained_on is None else trained_on == ds["manifest_sha256"]
+    )
+    log.info(
+        "test split (%d samples): JC_w %.4f, Dice kidney %.4f, tumor %.4f",
+        ds["n_samples"],
+        ds["weighted_jaccard"],
+        ds["dice"].get("kidney", float("nan")),
+        ds["dice"].get("tumor", float("nan")),
+    )
+    return ds
+
+
+def volume_metrics(
+    args: argparse.Namespace,
+    loaded: LoadedModel,
+    cases: list[int],
+    class_weights: list[float],
+    out: Path,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """:func:`evaluate_volumes` on ``--kits`` with the command line's options; logs the result."""
+    summary, rows = evaluate_volumes(
+        loaded,
+        Path(args.kits),
+        cases,
+        class_weights,
+        args.batch_size,
+        args.overlap,
+        args.components if args.postprocess else None,
+        out / "predictions" if args.save_predictions else None,
+        not args.no_progress,
+        overlay_dir=out / "overlays" if args.overlays else None,
+        n_overlays=args.overlays,
+    )
+    head = summary["headline"]
+    log.info(
+        "%d cases: kidney+tumor Dice %s over %d with kidney, tumor Dice %s over %d with tumor, "
+        "%s of %d empty slices with more than %d false-positive pixels",
+        summary["n_cases"],
+        _fmt(head["kidney_tumor_dice"]),
+        head["n_kidney"],
+        _fmt(head["tumor_dice"]),
+        head["n_tumor"],
+        "n/a" if head["empty_fp_rate"] is None else f"{head['empty_fp_rate']:.1%}",
+        head["n_empty"],
+        EMPTY_FP_PIXELS,
+    )
+    return summary, rows
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Both evaluations and the result files; returns the metrics written to JSON."""
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    check_output_dir(out, "--out")
+    # Every input is checked before the model is built (the slow part), so mistakes show at once.
+    config, weights_path, config_path = resolve_model_source(args.run, args.weights, args.model)
+    checked_preprocessing(config, config_path)
+    if args.volumes_only:
+        if args.data:
+            raise InferenceError("--volumes-only and --data exclude each other")
+        dataset_dir, dataset_source = None, "no dataset evaluation (--volumes-only)"
+    else:
+        dataset_dir, dataset_source = find_dataset(args.data, config, args.run)
+    manifest = load_manifest(dataset_dir) if dataset_dir else None
+    n_classes = int(config.get("n_classes", N_CLASSES))
+    class_weights, weights_source = class_weights_for(config, manifest, n_classes)
+    if dataset_dir is None and args.kits is None:
+        raise InferenceError(f"nothing to evaluate: {dataset_source}, and no --kits folder")
+    cases, cases_source = choose_cases(args, config, manifest, dataset_dir)
     if dataset_dir is not None and manifest is not None:
         check_dataset_fits(manifest, config, dataset_dir)
     loaded = instantiate(config, weights_path, config_path)
-    print(f"model {loaded.name} from {loaded.weights_path}", flush=True)
+    log.info("model %s from %s", loaded.name, loaded.weights_path)
     out.mkdir(parents=True, exist_ok=True)  # only after the inputs passed their checks
 
+    thesis_name, thesis_jc_w = thesis_reference(loaded.name)
     metrics: dict[str, Any] = {
         "model": loaded.name,
-        "thesis_name": thesis_reference(loaded.name)[0],
-        "thesis_jc_w": thesis_reference(loaded.name)[1],
+        "thesis_name": thesis_name,
+        "thesis_jc_w": thesis_jc_w,
         "run_dir": str(args.run) if args.run else None,
         "weights": str(loaded.weights_path),
         "config": str(loaded.config_path) if loaded.config_path else None,
@@ -607,47 +530,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not manifest["splits"].get(TEST_SPLIT, {}).get("shards"):
             metrics["dataset_note"] = f"{dataset_dir} has no test split"
         else:
-            ds = evaluate_dataset(
-                loaded, dataset_dir, manifest, class_weights, args.batch_size, not args.no_progress
-            )
-            ds["source"] = dataset_source
-            ds["manifest_sha256"] = manifest_sha256(dataset_dir)
-            trained_on = (config.get("dataset") or {}).get("manifest_sha256")
-            ds["same_as_training_dataset"] = (
-                None if trained_on is None else trained_on == ds["manifest_sha256"]
-            )
-            metrics["dataset"] = ds
-            print(
-                f"test split ({ds['n_samples']} samples): JC_w {ds['weighted_jaccard']:.4f}, "
-                f"Dice kidney {ds['dice'].get('kidney', float('nan')):.4f}, "
-                f"tumor {ds['dice'].get('tumor', float('nan')):.4f}",
-                flush=True,
+            metrics["dataset"] = dataset_metrics(
+                args, loaded, dataset_dir, manifest, class_weights, dataset_source
             )
     rows: list[dict[str, Any]] = []
-    if kits_dir is not None:
-        summary, rows = evaluate_volumes(
-            loaded,
-            kits_dir,
-            cases,
-            class_weights,
-            args.batch_size,
-            args.overlap,
-            args.components if args.postprocess else None,
-            out / "predictions" if args.save_predictions else None,
-            not args.no_progress,
-        )
-        summary["cases_source"] = cases_source
-        metrics["volumes"] = summary
-        print(
-            f"{summary['n_cases']} volumes: kidney+tumor Dice {_fmt(summary['kidney_dice_mean'])}"
-            f", tumor Dice {_fmt(summary['tumor_dice_mean'])}",
-            flush=True,
-        )
+    if args.kits is not None:
+        metrics["volumes"], rows = volume_metrics(args, loaded, cases, class_weights, out)
+        metrics["volumes"]["cases_source"] = cases_source
     metrics["seconds"] = time.perf_counter() - t0
     write_json_atomic(metrics, out / "metrics.json")
     write_text_atomic(per_case_csv(rows), out / "per_case.csv")
     write_text_atomic(results_markdown(metrics), out / "results.md")
-    print(f"wrote {out / 'metrics.json'}, {out / 'per_case.csv'}, {out / 'results.md'}")
+    log.info("wrote %s, %s, %s", out / "metrics.json", out / "per_case.csv", out / "results.md")
     return metrics
 
 
@@ -655,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_inference_args(parser, args)
+    if args.overlays < 0:
+        parser.error("--overlays must be >= 0")
+    configure_logging()
     try:
         run(args)
     except (InferenceError, CaseError, DatasetError) as exc:

@@ -1,73 +1,61 @@
-"""Inference core shared by ``train.predict`` and ``train.evaluate`` (no command line here).
+"""Inference core shared by ``train.predict``, ``train.evaluate`` and ``train.select_checkpoint``.
 
-From a trained model to a label volume on the CT's own grid:
+From a trained model to a label volume on a CT's canonical grid:
 
 1. :func:`load_model` rebuilds the network from a run folder's ``config.json`` (or from a bare
    weights file plus a model name) and loads its weights, with an error naming the file and the
    model when they do not match.
-2. :func:`preprocess_volume` turns HU into the model input exactly as training saw it
-   (``window_to_uint8`` -> ``resize_images`` -> ``/ 255`` -> channels repeated).
-3. :func:`predict_volume` runs the network: 2D models on batches of slices, 3D models as a
-   sliding window along the slice axis with Gaussian-weighted blending of overlapping blocks.
-4. :func:`labels_to_original` upsamples the class probabilities to the original in-plane size and
-   takes the argmax (uint8 labels 0/1/2); :func:`keep_largest_components` optionally removes
-   small islands.
+2. :func:`segment_volume` replays training's preprocessing from ``config.json`` (HU window,
+   whole-slice resize or fixed in-plane spacing: ``train.model_grid``), runs the network (2D:
+   batches of slices; 3D: ``train.sliding_window``) and brings the class probabilities back to
+   the slices' own grid, where it takes the argmax.
 
-:func:`read_ct` / :func:`check_ct_header` validate an input NIfTI (3D, axial KiTS19-like
-orientation, numeric dtype, finite values) and :func:`write_labels` writes a prediction on the
-input's exact grid. Every problem with the user's input raises :class:`InferenceError`, whose
-message names the file; the command lines turn it into exit code 2.
-
-TensorFlow is imported only when a model is built, so validating inputs and ``--help`` are fast.
+Reading and writing volumes in any orientation is ``train.volumes``; post-processing and
+overlays are ``train.postprocess`` and ``train.overlays``. TensorFlow is imported only when a
+model is built, so validating inputs and ``--help`` are fast.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import cv2
-import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
-from preprocess.kits import atomic_path, save_nifti_atomic
-from preprocess.resize import window_and_resize, window_to_uint8
+from preprocess.config import PreprocessConfig
+from preprocess.kits import CLASS_NAMES, N_CLASSES
+from train.model_grid import grid_geometry, labels_from_grid, to_model_grid
+from train.sliding_window import DEFAULT_OVERLAP, Progress, predict_windows
+from train.volumes import InferenceError
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Keras 2, before TensorFlow is imported
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; keeps TensorFlow out of import time
     import tf_keras
 
+log = logging.getLogger(__name__)
+
 CONFIG_NAME = "config.json"
 CHECKPOINTS = "checkpoints"
 WEIGHT_FILES = ("best.weights.h5", "latest.weights.h5")  # preference order in a run folder
-#: The thesis's preprocessing, used when a bare weights file comes without a config.json.
-DEFAULT_NORMALIZATION = {"hu_min": -512.0, "hu_max": 512.0, "scale": "uint8"}
-DEFAULT_IMAGE_SIZE = 128
-DEFAULT_CHANNELS = 3
-#: Default overlap of consecutive 3D windows, as a fraction of the block depth (MLPerf: 0.5).
-DEFAULT_OVERLAP = 0.5
-#: Gaussian sigma as a fraction of the block depth (MLPerf's KiTS19 3D U-Net reference: 0.125).
-GAUSSIAN_SIGMA_SCALE = 0.125
-#: How far (in direction cosines) an affine may be from a signed permutation before it counts as
-#: oblique. 0.01 is about 0.6 degrees: rounding noise in headers passes, a real tilt does not.
-AFFINE_TOLERANCE = 1e-2
-#: Slices resampled per OpenCV call in labels_to_original (bounds memory at full resolution).
-_RESAMPLE_CHUNK = 16
-
-Progress = Callable[[int, int], None]
-
-
-class InferenceError(ValueError):
-    """Unusable input (volume, weights, run folder); the message names the file and the problem."""
+# Preprocessing's own defaults (the thesis's), for a bare weights file without a config.json.
+_PREPROCESS_DEFAULTS = {f.name: f.default for f in fields(PreprocessConfig)}
+DEFAULT_NORMALIZATION = {
+    "hu_min": float(_PREPROCESS_DEFAULTS["hu_min"]),
+    "hu_max": float(_PREPROCESS_DEFAULTS["hu_max"]),
+    "scale": "uint8",
+}
+DEFAULT_IMAGE_SIZE = int(_PREPROCESS_DEFAULTS["image_size"])
+DEFAULT_CHANNELS = int(_PREPROCESS_DEFAULTS["channels"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,6 +72,7 @@ class Preprocessing:
     image_size: int
     channels: int
     block_depth: int | None  # slices per 3D block; None for 2D models
+    target_spacing: float | None  # mm per pixel on the model grid; None: whole-slice resize
 
 
 def default_config(model_name: str) -> dict[str, Any]:
@@ -96,8 +85,8 @@ def default_config(model_name: str) -> dict[str, Any]:
         "model": model_name,
         "model_options": {},
         "input_shape": shape,
-        "n_classes": 3,
-        "class_names": ["background", "kidney", "tumor"],
+        "n_classes": N_CLASSES,
+        "class_names": list(CLASS_NAMES),
         "class_weights": None,
         "dataset": {
             "dir": None,
@@ -106,6 +95,7 @@ def default_config(model_name: str) -> dict[str, Any]:
             "block_depth": shape[0] if models.is_3d(model_name) else None,
             "channels": shape[-1],
             "normalization": dict(DEFAULT_NORMALIZATION),
+            "target_spacing": None,
         },
         "defaults_used": True,
     }
@@ -129,8 +119,9 @@ def preprocessing_params(config: Mapping[str, Any]) -> Preprocessing:
     """The preprocessing recorded in ``config`` (config.json layout), checked for consistency.
 
     ``dataset.normalization`` gives the HU window, ``dataset.image_size`` and
-    ``dataset.channels`` the slice size and channel count; missing entries fall back to
-    ``input_shape`` and then to the thesis's defaults.
+    ``dataset.channels`` the slice size and channel count, ``dataset.target_spacing`` the
+    in-plane spacing of the model grid (None: the thesis's whole-slice resize); missing entries
+    fall back to ``input_shape`` and then to the thesis's defaults.
     """
     dataset = config.get("dataset") or {}
     norm = dataset.get("normalization") or DEFAULT_NORMALIZATION
@@ -150,7 +141,17 @@ def preprocessing_params(config: Mapping[str, Any]) -> Preprocessing:
     hu_min, hu_max = float(norm["hu_min"]), float(norm["hu_max"])
     if not hu_max > hu_min:
         raise ValueError(f"empty HU window [{hu_min}, {hu_max}]")
-    return Preprocessing(hu_min, hu_max, int(size), int(channels), int(depth) if depth else None)
+    target = dataset.get("target_spacing")
+    if target is not None and not float(target) > 0:
+        raise ValueError(f"target_spacing {target} is not a positive number of mm")
+    return Preprocessing(
+        hu_min,
+        hu_max,
+        int(size),
+        int(channels),
+        int(depth) if depth else None,
+        None if target is None else float(target),
+    )
 
 
 def checked_preprocessing(config: Mapping[str, Any], config_path: Path | None) -> Preprocessing:
@@ -257,7 +258,7 @@ def build_model(config: Mapping[str, Any]) -> tf_keras.Model:
         return models.build(
             config["model"],
             tuple(config["input_shape"]),
-            int(config.get("n_classes", 3)),
+            int(config.get("n_classes", N_CLASSES)),
             **(config.get("model_options") or {}),
         )
     except (ValueError, TypeError) as exc:
@@ -308,110 +309,8 @@ def instantiate(
 
 
 # --------------------------------------------------------------------------------------------
-# Preprocessing and prediction at model resolution
+# Prediction
 # --------------------------------------------------------------------------------------------
-
-
-def _scaled_slices(hu: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """(S, H, W) HU -> (S, size, size) float32 in [0, 1], one channel, exactly as training.
-
-    Training stored ``window_and_resize(hu)`` (= ``resize_images(window_to_uint8(hu))``,
-    rounded uint8) and divided by 255; the same function and rounding are used here.
-    """
-    hu = np.asanyarray(hu)
-    if hu.ndim != 3:
-        raise ValueError(f"expected a (slices, H, W) volume, got shape {hu.shape}")
-    small = window_and_resize(hu, prep.hu_min, prep.hu_max, prep.image_size)
-    return small.astype(np.float32) / np.float32(255.0)
-
-
-def _with_channels(x: np.ndarray, channels: int) -> np.ndarray:
-    """Repeat a single-channel array to ``channels`` identical channels (last axis)."""
-    return np.repeat(x[..., None], channels, axis=-1)
-
-
-def preprocess_volume(hu: np.ndarray, config: Mapping[str, Any]) -> np.ndarray:
-    """(S, H, W) HU -> (S, size, size, channels) float32 model input, exactly as in training.
-
-    ``window_to_uint8`` (clip to the HU window, scale to 0..255) -> ``resize_images`` (area
-    averaging, rounding to uint8) -> ``/ 255`` -> the one channel repeated ``channels`` times.
-    """
-    prep = preprocessing_params(config)
-    return _with_channels(_scaled_slices(hu, prep), prep.channels)
-
-
-def gaussian_weights(depth: int, sigma_scale: float = GAUSSIAN_SIGMA_SCALE) -> np.ndarray:
-    """Blending weights along the slice axis of a 3D block: a Gaussian centred on the block.
-
-    ``w[i] = exp(-(i - (depth - 1) / 2)^2 / (2 sigma^2))`` with ``sigma = sigma_scale * depth``
-    (0.125 as in MLPerf's KiTS19 3D U-Net reference), maximum 1 at the centre, symmetric, and
-    positive everywhere so every slice of a block counts a little. Predictions near a block's
-    edges see less context and are less reliable, hence the lower weight there. (MLPerf builds
-    a 3D kernel as the cube root of the product of three such Gaussians; along one axis we use
-    the plain Gaussian with the given sigma.)
-    """
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
-    sigma = sigma_scale * depth
-    z = np.arange(depth, dtype=np.float64) - (depth - 1) / 2.0
-    w = np.exp(-(z**2) / (2.0 * sigma**2))
-    return (w / w.max()).astype(np.float32)
-
-
-def window_starts(n_slices: int, depth: int, overlap: float = DEFAULT_OVERLAP) -> list[int]:
-    """First slices of the windows of ``depth`` slices covering ``n_slices`` slices.
-
-    Consecutive windows share ``round(overlap * depth)`` slices (at least one slice of step);
-    the last window is moved back to end exactly at the last slice, so every slice is covered
-    and no window reaches past the volume. A volume thinner than one window gets one window at
-    0 (the caller pads it).
-    """
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if n_slices <= depth:
-        return [0]
-    step = max(1, depth - int(round(overlap * depth)))
-    starts = list(range(0, n_slices - depth + 1, step))
-    if starts[-1] + depth < n_slices:
-        starts.append(n_slices - depth)
-    return starts
-
-
-def blend_windows(
-    window_probs: Sequence[np.ndarray] | np.ndarray,
-    starts: Sequence[int],
-    n_slices: int,
-    weights: np.ndarray,
-) -> np.ndarray:
-    """Weighted average of overlapping block predictions along the slice axis.
-
-    ``window_probs[k]`` (depth, h, w, C) covers slices ``starts[k] .. starts[k] + depth - 1``
-    (parts past ``n_slices``, i.e. padding, are dropped). Each slice gets
-    ``sum_k w[z - s_k] p_k[z - s_k] / sum_k w[z - s_k]``: a convex combination, so class
-    probabilities still sum to 1.
-    """
-    acc = np.zeros((n_slices, *np.shape(window_probs[0])[1:]), np.float32)
-    norm = np.zeros(n_slices, np.float32)
-    for probs, start in zip(window_probs, starts, strict=True):
-        _accumulate(acc, norm, probs, start, weights)
-    return _normalise(acc, norm)
-
-
-def _accumulate(
-    acc: np.ndarray, norm: np.ndarray, probs: np.ndarray, start: int, weights: np.ndarray
-) -> None:
-    """Add one window's weighted prediction (the part inside the volume) to the running sums."""
-    n = min(len(weights), acc.shape[0] - start)
-    w = weights[:n]
-    acc[start : start + n] += np.asarray(probs[:n], np.float32) * w[:, None, None, None]
-    norm[start : start + n] += w
-
-
-def _normalise(acc: np.ndarray, norm: np.ndarray) -> np.ndarray:
-    if np.any(norm <= 0):
-        raise ValueError("some slices are covered by no window")
-    acc /= norm[:, None, None, None]
-    return acc
 
 
 def default_batch_size(is_3d: bool) -> int:
@@ -419,387 +318,184 @@ def default_batch_size(is_3d: bool) -> int:
     return 2 if is_3d else 32
 
 
-def predict_volume(
-    model: tf_keras.Model,
-    volume_hu: np.ndarray,
+def _run_network(
+    model: Any,
+    x: np.ndarray,
+    prep: Preprocessing,
+    batch_size: int,
+    overlap: float,
+    progress: Progress | None,
+    name: str,
+) -> np.ndarray:
+    """(S, size, size) model input -> (S, size, size, C) float32 class probabilities."""
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return np.asarray(model.predict_on_batch(batch), np.float32)
+
+    if prep.block_depth is not None:
+        if x.shape[0] < prep.block_depth:
+            log.info(
+                "%s: %d slice(s), fewer than the 3D model's window of %d: padded with %d empty "
+                "slice(s) for the prediction, which keeps only the %d real one(s)",
+                name,
+                x.shape[0],
+                prep.block_depth,
+                prep.block_depth - x.shape[0],
+                x.shape[0],
+            )
+        return predict_windows(
+            predict, x, prep.block_depth, prep.channels, overlap, batch_size, progress
+        )
+    outputs = []
+    for start in range(0, x.shape[0], batch_size):
+        batch = x[start : start + batch_size]
+        outputs.append(predict(np.repeat(batch[..., None], prep.channels, axis=-1)))
+        if progress:
+            progress(min(start + batch_size, x.shape[0]), x.shape[0])
+    return np.concatenate(outputs, axis=0)
+
+
+def segment_volume(
+    model: Any,
+    hu: np.ndarray,
+    spacing_yx: tuple[float, float] | None,
     config: Mapping[str, Any],
     batch_size: int | None = None,
     overlap: float = DEFAULT_OVERLAP,
     progress: Progress | None = None,
     timings: dict[str, float] | None = None,
+    name: str = "volume",
 ) -> np.ndarray:
-    """Class probabilities (slices, size, size, n_classes) float32 of a (slices, H, W) HU volume.
+    """(S, H, W) uint8 labels of a canonical (S, H, W) HU volume, on the same grid.
 
-    2D models run on batches of ``batch_size`` slices (batching across slices keeps the
-    CPU/GPU busy). 3D models run a sliding window of the model's block depth along the slice
-    axis, consecutive windows overlapping by ``overlap`` of the depth, blended with
-    :func:`gaussian_weights`; a volume thinner than a block is padded at the end with zeros
-    (the HU window's minimum, as training padded short blocks) and cropped back.
-
-    ``progress(done, total)`` is called after each batch (units: slices or windows).
-    ``timings`` (if given) receives ``preprocess`` and ``network`` seconds.
+    ``spacing_yx`` (mm) is needed when the run resampled slices to a fixed spacing
+    (``dataset.target_spacing``). ``model`` is anything with Keras's ``predict_on_batch``.
+    ``progress(done, total)`` is called after each batch (slices or windows); ``timings`` (if
+    given) receives ``preprocess``, ``network`` and ``resample`` seconds.
     """
     prep = preprocessing_params(config)
-    is_3d = prep.block_depth is not None
-    batch_size = batch_size or default_batch_size(is_3d)
+    if prep.target_spacing is not None and spacing_yx is None:
+        raise ValueError(f"{name}: the run resamples to {prep.target_spacing} mm; spacing needed")
+    batch_size = batch_size or default_batch_size(prep.block_depth is not None)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     t0 = time.perf_counter()
-    x = _scaled_slices(volume_hu, prep)  # (S, s, s), channels added per batch (saves memory)
+    geom = grid_geometry(hu.shape[1:], spacing_yx, prep.target_spacing, prep.image_size)
+    x = to_model_grid(hu, geom, prep.hu_min, prep.hu_max)
     t1 = time.perf_counter()
-    n_slices = x.shape[0]
-
-    if not is_3d:
-        outputs = []
-        for start in range(0, n_slices, batch_size):
-            batch = _with_channels(x[start : start + batch_size], prep.channels)
-            outputs.append(np.asarray(model.predict_on_batch(batch), np.float32))
-            if progress:
-                progress(min(start + batch_size, n_slices), n_slices)
-        probs = np.concatenate(outputs, axis=0)
-    else:
-        depth = prep.block_depth
-        assert depth is not None
-        if n_slices < depth:  # pad at the end, like the training blocks of thin volumes
-            x = np.concatenate([x, np.zeros((depth - n_slices, *x.shape[1:]), np.float32)])
-        starts = window_starts(n_slices, depth, overlap)
-        weights = gaussian_weights(depth)
-        acc: np.ndarray | None = None
-        norm = np.zeros(n_slices, np.float32)
-        for i in range(0, len(starts), batch_size):
-            chunk = starts[i : i + batch_size]
-            batch = np.stack([_with_channels(x[s : s + depth], prep.channels) for s in chunk])
-            out = np.asarray(model.predict_on_batch(batch), np.float32)
-            if acc is None:  # blended as the windows come: memory of one volume, not of all
-                acc = np.zeros((n_slices, *out.shape[2:]), np.float32)
-            for window, start in zip(out, chunk, strict=True):
-                _accumulate(acc, norm, window, start, weights)
-            if progress:
-                progress(min(i + batch_size, len(starts)), len(starts))
-        assert acc is not None
-        probs = _normalise(acc, norm)
+    probs = _run_network(model, x, prep, batch_size, overlap, progress, name)
+    t2 = time.perf_counter()
+    labels = labels_from_grid(probs, geom)
     if timings is not None:
-        timings["preprocess"] = timings.get("preprocess", 0.0) + (t1 - t0)
-        timings["network"] = timings.get("network", 0.0) + (time.perf_counter() - t1)
-    return probs
+        for key, seconds in (
+            ("preprocess", t1 - t0),
+            ("network", t2 - t1),
+            ("resample", time.perf_counter() - t2),
+        ):
+            timings[key] = timings.get(key, 0.0) + seconds
+    return labels
 
 
 # --------------------------------------------------------------------------------------------
-# Back to the original grid, post-processing
+# Shared by the command lines
 # --------------------------------------------------------------------------------------------
 
 
-def labels_to_original(probs: np.ndarray, original_shape: Sequence[int]) -> np.ndarray:
-    """(S, s, s, C) probabilities -> (S, H, W) uint8 labels on the original in-plane grid.
+def progress_bar(label: str, enabled: bool = True) -> Progress | None:
+    """A tqdm progress callback on stderr, or None when disabled or stderr is no terminal
+    (batch jobs' logs stay free of bar redraws)."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
 
-    The probabilities (not the labels) are upsampled with bilinear interpolation
-    (``cv2.INTER_LINEAR``), so class boundaries fall between pixels where the classes cross,
-    then the argmax is taken (ties go to the lower class, background first). Works in chunks of
-    slices: a whole 512x512 probability volume in float32 would need gigabytes.
+    bar: Any = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=label, leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+_CLI_HANDLER = "train-inference-cli"
+
+
+def configure_logging() -> None:
+    """Messages of the ``train`` loggers on the current stderr, one line each, INFO and up.
+
+    Idempotent: a second call (another command run in the same process, as tests do) replaces
+    the handler instead of doubling every line.
     """
-    n_slices, height, width = (int(v) for v in original_shape)
-    if probs.ndim != 4 or probs.shape[0] != n_slices:
-        raise ValueError(f"probabilities {probs.shape} do not fit a volume of {n_slices} slices")
-    n_classes = probs.shape[-1]
-    if probs.shape[1:3] == (height, width):
-        return np.argmax(probs, axis=-1).astype(np.uint8)
-    out = np.empty((n_slices, height, width), np.uint8)
-    # OpenCV resizes at most 512 channels at once: chunk * n_classes must stay below that
-    chunk = max(1, min(_RESAMPLE_CHUNK, 512 // n_classes))
-    for start in range(0, n_slices, chunk):
-        part = probs[start : start + chunk]  # (k, s, s, C)
-        k = part.shape[0]
-        stack = np.ascontiguousarray(
-            np.moveaxis(part, 0, 2).reshape(*part.shape[1:3], k * n_classes)
-        )
-        big = cv2.resize(stack, (width, height), interpolation=cv2.INTER_LINEAR)
-        big = big.reshape(height, width, k, n_classes)
-        out[start : start + k] = np.moveaxis(np.argmax(big, axis=-1), 2, 0)
-    return out
+    logger = logging.getLogger("train")
+    for handler in [h for h in logger.handlers if h.get_name() == _CLI_HANDLER]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_CLI_HANDLER)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
-def keep_largest_components(labels: np.ndarray, n: int = 2, min_voxels: int = 0) -> np.ndarray:
-    """Keep the ``n`` largest 3D connected components of kidney+tumor (label > 0).
-
-    Two by default: two kidneys. Everything outside them becomes background; labels inside keep
-    their value (kidney or tumor). Connectivity is 26 (faces, edges and corners), so a
-    structure touching itself diagonally between slices stays one component. Components
-    smaller than ``min_voxels`` are dropped even among the ``n`` largest (for patients with one
-    kidney the second-largest component may itself be an island).
-    """
-    labels = np.asarray(labels)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    foreground = labels > 0
-    components, count = ndimage.label(foreground, structure=np.ones((3, 3, 3), bool))
-    if count == 0:
-        return labels.astype(np.uint8, copy=True)
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    # largest first; stable sort so equal sizes keep the lower component id (deterministic)
-    order = np.argsort(-sizes[1:], kind="stable") + 1
-    keep = [int(c) for c in order[:n] if sizes[c] > 0 and sizes[c] >= min_voxels]
-    mask = np.isin(components, keep)
-    return np.where(mask, labels, 0).astype(np.uint8)
-
-
-# --------------------------------------------------------------------------------------------
-# Input CT files: validation, reading, writing predictions
-# --------------------------------------------------------------------------------------------
-
-
-def check_affine(affine: np.ndarray, where: str, tol: float = AFFINE_TOLERANCE) -> None:
-    """Reject affines that are not KiTS19-like: oblique, or with array axis 0 not along world z.
-
-    The model was trained on axial slices taken along array axis 0. The rotation part of the
-    affine (columns divided by the voxel spacings) must be a signed permutation within ``tol``
-    (otherwise the volume is oblique), and column 0 must point along world z (otherwise array
-    axis 0 is not the slice axis: a sagittal or coronal stack, or a transposed array).
-    """
-    a = np.asarray(affine, dtype=np.float64)
-    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
-        raise InferenceError(f"{where}: affine is not a finite 4x4 matrix")
-    rot = a[:3, :3]
-    spacing = np.sqrt((rot**2).sum(axis=0))
-    if np.any(spacing <= 1e-8):
-        raise InferenceError(f"{where}: affine has a zero voxel spacing: {spacing.tolist()}")
-    cosines = rot / spacing
-    dominant = np.argmax(np.abs(cosines), axis=0)  # world axis of each array axis
-    oblique = len(set(dominant.tolist())) != 3 or any(
-        np.abs(np.abs(cosines[dominant[j], j]) - 1.0) > tol
-        or np.abs(np.delete(cosines[:, j], dominant[j])).max() > tol
-        for j in range(3)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--run`` / ``--weights`` / ``--model``: where the model comes from (predict, evaluate)."""
+    src = parser.add_argument_group("model (a run folder, or a weights file and a model name)")
+    src.add_argument(
+        "--run",
+        metavar="RUN_DIR",
+        help="training run folder: config.json and checkpoints/best.weights.h5 "
+        "(latest.weights.h5 if there is no best)",
     )
-    if oblique:
-        raise InferenceError(
-            f"{where}: oblique orientation (affine rotation is not axis-aligned within {tol}); "
-            "resample the volume to an axial grid first"
-        )
-    if dominant[0] != 2:
-        world = "xyz"[int(dominant[0])]
-        raise InferenceError(
-            f"{where}: array axis 0 runs along world {world}, not z: not an axial stack in the "
-            "KiTS19 layout (slices first, array (z, y, x)); reorient it first"
-        )
-
-
-def check_ct_header(path: str | Path) -> nib.Nifti1Image:
-    """Open a CT NIfTI lazily and validate it without reading its voxels.
-
-    Checks: readable as NIfTI-1/2, three dimensions (none empty), a real numeric voxel type
-    (not complex, bool or RGB), a KiTS19-like axial affine (:func:`check_affine`). Returns the
-    (lazy) image; raises InferenceError naming the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InferenceError(f"{path}: file not found")
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises ImageFileError, OSError, EOFError, ...
-        raise InferenceError(f"{path}: not a NIfTI file ({exc})") from exc
-    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        raise InferenceError(f"{path}: not a NIfTI file (read as {type(img).__name__})")
-    shape = img.shape
-    if len(shape) != 3:
-        raise InferenceError(
-            f"{path}: {len(shape)}D image of shape {shape}; expected a 3D CT volume (slices, H, W)"
-        )
-    if min(shape) < 1:
-        raise InferenceError(f"{path}: empty volume of shape {shape}")
-    dtype = img.get_data_dtype()
-    if dtype.fields is not None or dtype.kind not in "iuf":
-        raise InferenceError(
-            f"{path}: voxel type {dtype} is not a real number type "
-            "(complex, bool, RGB and structured types are not CT intensities)"
-        )
-    check_affine(img.affine, str(path))
-    return img
-
-
-def read_ct(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """Validated (S, H, W) float32 HU array and its NIfTI image (header and affine).
-
-    Header checks as :func:`check_ct_header`, plus finite values (no NaN or inf).
-    """
-    img = check_ct_header(path)
-    try:
-        hu = np.asarray(img.dataobj, dtype=np.float32)
-    except Exception as exc:  # truncated or corrupt data section
-        raise InferenceError(f"{path}: cannot read voxel data: {exc}") from exc
-    if not np.all(np.isfinite(hu)):
-        bad = int(np.count_nonzero(~np.isfinite(hu)))
-        raise InferenceError(f"{path}: {bad} voxels are NaN or infinite")
-    return hu, img
-
-
-def label_header(source: nib.Nifti1Image) -> nib.Nifti1Header:
-    """The input's header made fit for a label map: uint8, no intensity scaling, cal 0..2.
-
-    Keeping the input header (qform/sform codes, units, pixdim, descrip) means viewers and the
-    KiTS19 evaluation see the prediction on exactly the CT's grid.
-    """
-    hdr = source.header.copy()
-    hdr.set_data_dtype(np.uint8)
-    hdr.set_slope_inter(1.0, 0.0)
-    hdr["cal_min"], hdr["cal_max"] = 0, 2
-    return hdr
-
-
-def write_labels(labels: np.ndarray, source: nib.Nifti1Image, path: str | Path) -> None:
-    """Write a uint8 label volume atomically with ``source``'s shape, affine and header."""
-    labels = np.asarray(labels)
-    if labels.shape != source.shape:
-        raise ValueError(f"labels {labels.shape} do not match the input shape {source.shape}")
-    save_nifti_atomic(
-        labels.astype(np.uint8, copy=False), source.affine, Path(path), header=label_header(source)
+    src.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="Keras .weights.h5 file; with --run it replaces the run's checkpoint. Without "
+        "--run, config.json is looked for beside FILE or in its parent folder; if there is "
+        "none, the thesis's preprocessing (HU -512..512, 128x128, 3 channels) and the model's "
+        "default options are assumed",
     )
+    src.add_argument("--model", metavar="NAME", help="model name (e.g. unet2d, unet3d)")
 
 
-# --------------------------------------------------------------------------------------------
-# Small helpers for the command lines: progress bar, overlays
-# --------------------------------------------------------------------------------------------
-
-
-class TextProgress:
-    """A minimal progress bar on stderr (no tqdm dependency).
-
-    On a terminal it redraws one line (at most 10 times a second); in a log file (batch jobs)
-    it writes one line per quarter, so logs stay short.
-    """
-
-    def __init__(self, label: str, stream: Any = None, width: int = 30) -> None:
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.width = width
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.t0 = time.perf_counter()
-        self._last_draw = 0.0
-        self._last_quarter = -1
-
-    def __call__(self, done: int, total: int) -> None:
-        frac = done / total if total else 1.0
-        now = time.perf_counter()
-        if self.tty:
-            if done < total and now - self._last_draw < 0.1:
-                return
-            self._last_draw = now
-            filled = int(round(frac * self.width))
-            bar = "#" * filled + "-" * (self.width - filled)
-            end = "\n" if done >= total else ""
-            self.stream.write(f"\r{self.label} [{bar}] {done}/{total} {now - self.t0:5.1f}s{end}")
-        else:
-            quarter = int(frac * 4)
-            if quarter == self._last_quarter:
-                return
-            self._last_quarter = quarter
-            self.stream.write(f"{self.label} {done}/{total} ({frac:4.0%}) {now - self.t0:.1f}s\n")
-        self.stream.flush()
-
-
-#: Overlay colours (BGR for OpenCV): kidney red, tumor yellow.
-OVERLAY_COLOURS = {1: (40, 40, 230), 2: (0, 220, 255)}
-OVERLAY_ALPHA = 0.45
-
-
-def pick_overlay_slices(labels: np.ndarray, n: int = 3) -> list[int]:
-    """The ``n`` slices with the most kidney+tumor predicted (the middle slice if none)."""
-    per_slice = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
-    if per_slice.max(initial=0) == 0:
-        return [labels.shape[0] // 2]
-    order = np.argsort(-per_slice, kind="stable")
-    return sorted(int(i) for i in order[:n] if per_slice[i] > 0)
-
-
-def render_overlay(hu_slice: np.ndarray, label_slice: np.ndarray, hu_min: float, hu_max: float):
-    """(H, W) HU and labels -> (H, W, 3) uint8 BGR image: grey CT with coloured labels blended."""
-    grey = np.clip(np.rint(window_to_uint8(hu_slice, hu_min, hu_max)), 0, 255).astype(np.uint8)
-    image = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR).astype(np.float32)
-    for label, colour in OVERLAY_COLOURS.items():
-        where = label_slice == label
-        image[where] = (1 - OVERLAY_ALPHA) * image[where] + OVERLAY_ALPHA * np.float32(colour)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
-
-
-def write_overlays(
-    hu: np.ndarray,
-    labels: np.ndarray,
-    out_dir: str | Path,
-    stem: str,
-    slices: Sequence[int] | None,
-    hu_window: tuple[float, float],
-) -> list[Path]:
-    """PNG overlays ``out_dir/<stem>_zNNNN.png`` of the given slices (None: automatic pick).
-
-    Written atomically (temporary name, then rename). Slice numbers outside the volume raise
-    InferenceError.
-    """
-    chosen = pick_overlay_slices(labels) if slices is None else list(slices)
-    bad = [s for s in chosen if not 0 <= s < labels.shape[0]]
-    if bad:
-        raise InferenceError(
-            f"{stem}: overlay slices {bad} outside the volume (0..{labels.shape[0] - 1})"
-        )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for s in chosen:
-        png = render_overlay(hu[s], labels[s], *hu_window)
-        path = out_dir / f"{stem}_z{s:04d}.png"
-        ok, encoded = cv2.imencode(".png", png)
-        if not ok:
-            raise OSError(f"{path}: PNG encoding failed")
-        tmp = atomic_path(path)
-        try:
-            tmp.write_bytes(encoded.tobytes())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        written.append(path)
-    return written
-
-
-def format_seconds(t: float) -> str:
-    """Seconds with a precision that suits their size (for timing lines)."""
-    return f"{t:.2f}" if t < 10 else f"{t:.1f}" if t < 100 else f"{math.floor(t)}"
-
-
-__all__ = [
-    "AFFINE_TOLERANCE",
-    "DEFAULT_OVERLAP",
-    "GAUSSIAN_SIGMA_SCALE",
-    "InferenceError",
-    "LoadedModel",
-    "Preprocessing",
-    "TextProgress",
-    "blend_windows",
-    "build_model",
-    "check_affine",
-    "checked_preprocessing",
-    "check_ct_header",
-    "default_batch_size",
-    "default_config",
-    "find_config_for_weights",
-    "find_run_weights",
-    "gaussian_weights",
-    "instantiate",
-    "is_3d_config",
-    "keep_largest_components",
-    "label_header",
-    "labels_to_original",
-    "load_model",
-    "load_weights",
-    "pick_overlay_slices",
-    "predict_volume",
-    "preprocess_volume",
-    "preprocessing_params",
-    "read_config",
-    "read_ct",
-    "render_overlay",
-    "resolve_model_source",
-    "window_starts",
-    "write_labels",
-    "write_overlays",
-]
+def add_inference_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The options of running a model on volumes (predict, evaluate); returns their group."""
+    opt = parser.add_argument_group("inference options")
+    opt.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="slices per batch for 2D models (default 32), blocks per batch for 3D models "
+        "(default 2)",
+    )
+    opt.add_argument(
+        "--overlap",
+        type=float,
+        default=DEFAULT_OVERLAP,
+        help="3D models: overlap of consecutive sliding windows as a fraction of the block "
+        "depth (default %(default)s); overlapping predictions are blended with Gaussian "
+        "weights (sigma = 0.125 x depth)",
+    )
+    opt.add_argument(
+        "--postprocess",
+        action="store_true",
+        help="keep only the 3D connected components of kidney+tumor with the most kidney "
+        "(see --components), removing islands and false positives away from the kidneys",
+    )
+    opt.add_argument(
+        "--components",
+        type=int,
+        default=2,
+        help="components kept by --postprocess (default %(default)s: two kidneys)",
+    )
+    opt.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (there is one only when stderr is a terminal)",
+    )
+    return opt
 
 
 def check_inference_args(parser: Any, args: Any) -> None:
@@ -812,3 +508,14 @@ def check_inference_args(parser: Any, args: Any) -> None:
         parser.error("--overlap must be in [0, 1)")
     if args.components < 1:
         parser.error("--components must be >= 1")
+
+
+def check_output_dir(path: Path, option: str) -> None:
+    """An output folder must be a folder: an existing file there is refused (InferenceError)."""
+    if path.exists() and not path.is_dir():
+        raise InferenceError(f"{path}: {option} names an existing file, not a folder")
+
+
+def format_seconds(t: float) -> str:
+    """Seconds with a precision that suits their size (for timing lines)."""
+    return f"{t:.2f}" if t < 10 else f"{t:.1f}" if t < 100 else f"{math.floor(t)}"

@@ -1,46 +1,50 @@
 """Segment CT volumes with a trained model: NIfTI in, uint8 label NIfTI (0/1/2) out.
 
     python -m train.predict --run RUN_DIR --input CASE_DIR [more ...] --output DIR
-    python -m train.predict --weights FILE --model NAME --input scan.nii.gz --output DIR
+    python -m train.predict --weights FILE --model NAME -i scan.nii.gz -o DIR
 
-Each input is a KiTS19 case folder (``case_XXXXX/`` with ``imaging.nii.gz``), a folder of such
-case folders, or a NIfTI file. The prediction is written on the input's exact grid (same shape,
-affine and header, voxel type uint8) as ``DIR/case_XXXXX.nii.gz`` for case folders and
-``.../<folder>/imaging.nii.gz`` files, else ``DIR/<input stem>_seg.nii.gz``; files are written
-under a temporary name and renamed, so a crash never leaves half a file.
+Each input is a KiTS19 case folder (``case_XXXXX/`` or ``case_XXXXX_<suffix>/`` with
+``imaging.nii.gz``), a folder of such case folders, or a NIfTI file, in any axis-aligned
+orientation (RAS, LPS, KiTS19's, slices on any array axis). The prediction is written on the
+input's exact grid (same array order, shape, affine and header, voxel type uint8) as
+``DIR/<case folder>.nii.gz`` for case folders and ``.../<folder>/imaging.nii.gz`` files, else
+``DIR/<input stem>_seg.nii.gz``; files are written under a temporary name and renamed, so a
+crash never leaves half a file.
 
-Exit codes: 0 all volumes written; 2 bad input (not a NIfTI, not 3D, oblique or non-axial
-orientation, non-numeric voxel type, NaN/inf values, weights that do not fit the model, ...),
-the message names the file; 1 unexpected failure.
+Exit codes: 0 all volumes written; 2 bad input (not a NIfTI, not 3D, oblique orientation,
+non-numeric voxel type, NaN/inf values, weights that do not fit the model, an output that is a
+file, ...), the message names the file; 1 unexpected failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocess.kits import CASE_RE, IMAGING
+from preprocess.kits import IMAGING, CaseError, case_folders
 from train.inference import (
-    DEFAULT_OVERLAP,
-    InferenceError,
     LoadedModel,
-    TextProgress,
-    check_ct_header,
+    add_inference_options,
+    add_model_arguments,
     check_inference_args,
+    check_output_dir,
+    configure_logging,
     format_seconds,
-    keep_largest_components,
-    labels_to_original,
     load_model,
-    predict_volume,
     preprocessing_params,
-    read_ct,
-    write_labels,
-    write_overlays,
+    progress_bar,
+    segment_volume,
 )
+from train.overlays import write_overlays
+from train.postprocess import keep_largest_components
+from train.volumes import InferenceError, open_ct, read_ct, write_labels
+
+log = logging.getLogger("train.predict")
 
 EXIT_BAD_INPUT = 2
 TIMING_KEYS = ("read", "preprocess", "network", "resample+write")
@@ -80,11 +84,11 @@ def resolve_inputs(inputs: list[str], output_dir: Path) -> list[Job]:
             if (path / IMAGING).is_file():
                 sources.append(path / IMAGING)
                 continue
-            cases = sorted(
-                p / IMAGING
-                for p in path.iterdir()
-                if p.is_dir() and CASE_RE.match(p.name) and (p / IMAGING).is_file()
-            )
+            try:
+                folders = case_folders(path)
+            except CaseError as exc:
+                raise InferenceError(str(exc)) from exc
+            cases = [f / IMAGING for _, f in sorted(folders.items()) if (f / IMAGING).is_file()]
             if not cases:
                 raise InferenceError(
                     f"{path}: folder holds neither {IMAGING} nor case_XXXXX/{IMAGING} folders"
@@ -130,11 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Segment kidney and tumor in CT volumes with a trained model.\n\n"
             "Inputs: KiTS19 case folders (case_XXXXX/imaging.nii.gz), folders of case folders,\n"
-            "or NIfTI files; CT in HU, array (slices, H, W), axial (the affine maps array axis 0\n"
-            "to world z, not oblique). Outputs: uint8 NIfTI label maps (0 background, 1 kidney,\n"
-            "2 tumor) with the input's shape, affine and header, as DIR/case_XXXXX.nii.gz or\n"
-            "DIR/<input stem>_seg.nii.gz. The preprocessing (HU window, resizing, channels) is\n"
-            "read from the run's config.json, so it is exactly what training used."
+            "or NIfTI files; CT in HU in any axis-aligned orientation (RAS, LPS, KiTS19's; the\n"
+            "affine says which; oblique volumes are refused). Outputs: uint8 NIfTI label maps\n"
+            "(0 background, 1 kidney, 2 tumor) with the input's array order, shape, affine and\n"
+            "header, as DIR/<case folder>.nii.gz or DIR/<input stem>_seg.nii.gz. The\n"
+            "preprocessing (HU window, resizing or in-plane spacing, channels) is read from the\n"
+            "run's config.json, so it is exactly what training used."
         ),
         epilog=(
             "Examples:\n"
@@ -146,24 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    src = p.add_argument_group("model (a run folder, or a weights file and a model name)")
-    src.add_argument(
-        "--run",
-        metavar="RUN_DIR",
-        help="training run folder: config.json and checkpoints/best.weights.h5 "
-        "(latest.weights.h5 if there is no best)",
-    )
-    src.add_argument(
-        "--weights",
-        metavar="FILE",
-        help="Keras .weights.h5 file; with --run it replaces the run's checkpoint. Without "
-        "--run, config.json is looked for beside FILE or in its parent folder; if there is "
-        "none, the thesis's preprocessing (HU -512..512, 128x128, 3 channels) and the model's "
-        "default options are assumed",
-    )
-    src.add_argument("--model", metavar="NAME", help="model name (e.g. unet2d, unet3d)")
+    add_model_arguments(p)
     io = p.add_argument_group("input and output")
     io.add_argument(
+        "-i",
         "--input",
         nargs="+",
         required=True,
@@ -171,50 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="case folder(s) (case_XXXXX/imaging.nii.gz), folder(s) of case folders, or NIfTI "
         "file(s)",
     )
-    io.add_argument("--output", required=True, metavar="DIR", help="folder for the predictions")
-    opt = p.add_argument_group("inference options")
-    opt.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="slices per batch for 2D models (default 32), blocks per batch for 3D models "
-        "(default 2)",
+    io.add_argument(
+        "-o", "--output", required=True, metavar="DIR", help="folder for the predictions"
     )
-    opt.add_argument(
-        "--overlap",
-        type=float,
-        default=DEFAULT_OVERLAP,
-        help="3D models: overlap of consecutive sliding windows as a fraction of the block "
-        "depth (default %(default)s); overlapping predictions are blended with Gaussian "
-        "weights (sigma = 0.125 x depth)",
-    )
-    opt.add_argument(
-        "--postprocess",
-        action="store_true",
-        help="keep only the largest 3D connected components of kidney+tumor (see "
-        "--components), removing small islands",
-    )
-    opt.add_argument(
-        "--components",
-        type=int,
-        default=2,
-        help="components kept by --postprocess (default %(default)s: two kidneys)",
-    )
+    opt = add_inference_options(p)
     opt.add_argument(
         "--overlay-slices",
         metavar="auto|N,M,...",
         help="also write PNG overlays (CT in grey, kidney red, tumor yellow) to DIR/overlays/: "
-        "'auto' picks the 3 slices with most kidney+tumor predicted, or give 0-based slice "
-        "numbers",
-    )
-    opt.add_argument(
-        "--no-progress", action="store_true", help="no progress bar on stderr (timings still)"
+        "'auto' picks the 3 slices with most kidney+tumor predicted, or give 0-based axial "
+        "slice numbers in KiTS19's order (whatever the input's orientation)",
     )
     return p
 
 
 def _error(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+    log.error("error: %s", msg)
 
 
 def predict_job(
@@ -230,19 +193,28 @@ def predict_job(
     """Predict one volume and write it (and its overlays); returns the time split in seconds."""
     times = dict.fromkeys(TIMING_KEYS, 0.0)
     t0 = time.perf_counter()
-    hu, img = read_ct(job.source)
+    volume = read_ct(job.source)
     times["read"] = time.perf_counter() - t0
-    bar = TextProgress(f"  {job.stem}") if progress else None
-    probs = predict_volume(loaded.model, hu, loaded.config, batch_size, overlap, bar, times)
+    labels = segment_volume(
+        loaded.model,
+        volume.hu,
+        volume.spacing_yx,
+        loaded.config,
+        batch_size,
+        overlap,
+        progress_bar(f"  {job.stem}", progress),
+        times,
+        name=str(job.source),
+    )
     t1 = time.perf_counter()
-    labels = labels_to_original(probs, hu.shape)
     if postprocess:
         labels = keep_largest_components(labels, postprocess)
-    write_labels(labels, img, job.output)
+    write_labels(labels, volume.image, volume.reorientation, job.output)
     if overlay is not False:
         prep = preprocessing_params(loaded.config)
-        write_overlays(hu, labels, overlay_dir, job.stem, overlay, (prep.hu_min, prep.hu_max))
-    times["resample+write"] = time.perf_counter() - t1
+        window = (prep.hu_min, prep.hu_max)
+        write_overlays(volume.hu, labels, overlay_dir, job.stem, overlay, window)
+    times["resample+write"] = times.pop("resample") + time.perf_counter() - t1
     return times
 
 
@@ -250,41 +222,23 @@ def _timing_line(times: dict[str, float]) -> str:
     return ", ".join(f"{k} {format_seconds(times[k])}" for k in TIMING_KEYS)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_inference_args(parser, args)
-    try:
-        overlay = parse_overlay_slices(args.overlay_slices)
-    except argparse.ArgumentTypeError as exc:
-        parser.error(f"--overlay-slices: {exc}")
-
-    output_dir = Path(args.output)
-    try:
-        jobs = resolve_inputs(args.input, output_dir)
-    except InferenceError as exc:
-        _error(str(exc))
-        return EXIT_BAD_INPUT
-    # Header checks of every input before the (slow) model load: a typo in the tenth file
-    # should not be found after nine volumes.
+def header_problems(jobs: list[Job]) -> list[str]:
+    """Header check of every input, before the (slow) model load: a typo in the tenth file
+    should not be found after nine volumes."""
     problems = []
     for job in jobs:
         try:
-            check_ct_header(job.source)
+            open_ct(job.source)
         except InferenceError as exc:
             problems.append(str(exc))
-    if problems:
-        for msg in problems:
-            _error(msg)
-        return EXIT_BAD_INPUT
-    try:
-        loaded = load_model(args.run, args.weights, args.model)
-    except InferenceError as exc:
-        _error(str(exc))
-        return EXIT_BAD_INPUT
-    where = loaded.config_path or "no config.json: thesis defaults"
-    print(f"model {loaded.name} from {loaded.weights_path} ({where})", flush=True)
+    return problems
 
+
+def predict_all(
+    loaded: LoadedModel, jobs: list[Job], args: argparse.Namespace, overlay: list[int] | None | bool
+) -> list[str]:
+    """Predict every job, logging each one's times and the mean; returns the failed inputs."""
+    output_dir = Path(args.output)
     output_dir.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
     totals = dict.fromkeys(TIMING_KEYS, 0.0)
@@ -311,18 +265,45 @@ def main(argv: list[str] | None = None) -> int:
         n_done += 1
         for key in TIMING_KEYS:
             totals[key] += times[key]
-        print(
-            f"{job.stem}: {job.output}  {format_seconds(seconds)} s ({_timing_line(times)})",
-            flush=True,
+        log.info(
+            "%s: %s  %s s (%s)", job.stem, job.output, format_seconds(seconds), _timing_line(times)
         )
-    elapsed = time.perf_counter() - t_all
     if n_done:
-        mean = {k: v / n_done for k, v in totals.items()}
-        print(
-            f"{n_done} volume(s) in {format_seconds(elapsed)} s, "
-            f"{format_seconds(elapsed / n_done)} s per volume (mean: {_timing_line(mean)})",
-            flush=True,
+        elapsed = time.perf_counter() - t_all
+        log.info(
+            "%d volume(s) in %s s, %s s per volume (mean: %s)",
+            n_done,
+            format_seconds(elapsed),
+            format_seconds(elapsed / n_done),
+            _timing_line({k: v / n_done for k, v in totals.items()}),
         )
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_inference_args(parser, args)
+    try:
+        overlay = parse_overlay_slices(args.overlay_slices)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"--overlay-slices: {exc}")
+    configure_logging()
+    try:
+        check_output_dir(Path(args.output), "--output")
+        jobs = resolve_inputs(args.input, Path(args.output))
+        problems = header_problems(jobs)
+        for msg in problems:
+            _error(msg)
+        if problems:
+            return EXIT_BAD_INPUT
+        loaded = load_model(args.run, args.weights, args.model)
+    except InferenceError as exc:
+        _error(str(exc))
+        return EXIT_BAD_INPUT
+    where = loaded.config_path or "no config.json: thesis defaults"
+    log.info("model %s from %s (%s)", loaded.name, loaded.weights_path, where)
+    failed = predict_all(loaded, jobs, args, overlay)
     if failed:
         _error(f"{len(failed)} of {len(jobs)} input(s) failed: {', '.join(failed)}")
         return EXIT_BAD_INPUT
