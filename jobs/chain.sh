@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Submit N copies of a job template, each starting when the previous one has ended in any state
 # (afterany), so a training longer than the walltime continues: every job resumes from
-# RUN_DIR/checkpoints/latest.weights.h5.
+# RUN_DIR/checkpoints/latest.json. A job that ends with an error (not a walltime or signal end)
+# leaves RUN_DIR/.kits-chain-stopped, and the jobs after it stop at once (jobs/README.md).
 #
 #   jobs/chain.sh N TEMPLATE [qsub or sbatch options...]
 #   jobs/chain.sh 3 jobs/train_unet3d.pbs -v DATA=/storage/brno2/home/$USER/kits/blocks128
@@ -13,7 +14,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 (($# >= 2)) || usage

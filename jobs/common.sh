@@ -4,6 +4,9 @@
 # kits_preprocess. It works out the scheduler, ranks and GPUs, picks the launcher (Singularity
 # image or the suite's .venv), checks the input before anything expensive starts, stages data
 # into node-local scratch, and copies results back on any exit (trap), then cleans the scratch.
+# Training: the job works out its deadline (walltime end), train.train stops before an epoch it
+# cannot finish, and every checkpoint is copied to the permanent run folder as it is written
+# (jobs/sync.sh), so a job killed at any moment leaves a complete, resumable checkpoint there.
 #
 # Every setting is an environment variable with a default; override at submission:
 #   PBS:    qsub -v DATA=/storage/brno2/home/$USER/kits/slices128,EPOCHS=50 jobs/train_unet2d.pbs
@@ -23,21 +26,36 @@
 #               staging), 0 reads it in place (evaluation default)
 #   BIND        extra Singularity bind paths, comma separated (e.g. /storage,/auto)
 #   SINGULARITY singularity or apptainer binary (default: whichever is on PATH)
-#   LAUNCHER    SLURM only: srun (default, --mpi=pmix) or mpirun
+#   LAUNCHER    SLURM only: srun (default) or mpirun
+#   SRUN_MPI    srun's --mpi plugin (default auto: pmix if `srun --mpi=list` has it, else pmi2,
+#               else the ranks are started with mpirun)
+#   MODULES     site modules to `module add` first, space separated (e.g. Metacentrum:
+#               MODULES=openmpi/4.1.6-gcc-10.2.1); needed where the host mpirun is used
 #   MPIRUN      mpirun binary (default mpirun); MPI_ARGS extra mpirun options
 #               (default "--mca pml ob1 --mca btl ^openib", as Horovod's docs suggest)
 #   SRUN_ARGS   extra srun options
 #   CHECKPOINT_EVERY  train: save the latest checkpoint every k epochs (default 1)
-#   TIME_LIMIT  train: seconds after which training stops cleanly with a checkpoint (set it a
-#               little below the walltime, e.g. 85000 for 24 h); empty: no limit
+#   TIME_LIMIT  train: seconds from the job's start that training may use (default: the
+#               walltime, read from PBS/SLURM); training stops before an epoch that would end
+#               past it less STOP_MARGIN
+#   STOP_MARGIN seconds kept free at the end for stopping and the last copy back (default 120;
+#               twice the time copying the run folder into scratch took is kept on top)
+#   SYNC_INTERVAL train: seconds between checks for a new checkpoint to copy to the permanent
+#               run folder (default 30)
+#   REQUIRE_GPU auto (default): a job given GPUs stops (exit 2) before staging if TensorFlow sees
+#               none, and train.train gets --require-gpu; 0: run on the CPU anyway; 1: always
+#   REQUEUE     SLURM: 1 requeues the job (scontrol requeue) when it ends at its time limit
+#               before the last epoch (sites that allow requeueing); default 0 (use chain.sh)
 #   NCCL_*      NCCL_DEBUG defaults to WARN. NCCL_IB_DISABLE=1 (no InfiniBand / IB errors),
 #               NCCL_SOCKET_IFNAME=eth0 or ^lo,docker (choose the inter-node interface),
 #               NCCL_P2P_DISABLE=1 (GPUs whose peer-to-peer hangs), NCCL_IB_HCA, NCCL_P2P_LEVEL,
 #               NCCL_NET_GDR_LEVEL: exported to every rank only when you set them.
 #
 # Exit status: the command's own; 2 for bad input found by the checks (DATA unset, dataset
-# failing verification, ranks not dividing the shards, ...); 3 if results could not be
-# copied back (they are then left in the scratch folder, which is not cleaned).
+# failing verification, ranks not dividing the shards, GPUs asked for and not seen, ...); 3 if
+# results could not be copied back (they are then left in the scratch folder, which is not
+# cleaned); 143 (TERM), 138 (USR1), 130 (INT) after a signal. A training job ending with an
+# error (not 0, not a signal) stops the jobs chained after it (see kits_check_chain).
 
 set -euo pipefail
 
@@ -61,13 +79,20 @@ LAUNCHER="${LAUNCHER:-srun}"
 MPIRUN="${MPIRUN:-mpirun}"
 MPI_ARGS="${MPI_ARGS---mca pml ob1 --mca btl ^openib}"
 SRUN_ARGS="${SRUN_ARGS:-}"
+SRUN_MPI="${SRUN_MPI:-auto}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
+STOP_MARGIN="${STOP_MARGIN:-120}"
+SYNC_INTERVAL="${SYNC_INTERVAL:-30}"
+REQUEUE="${REQUEUE:-0}"
 
 KITS_STAGE_ROOT=""  # the folder this job made in STAGE_DIR (removed at the end)
 KITS_COPY_BACK=()   # pairs "scratch_dir|final_dir" copied back at exit
 KITS_CHILD=""       # PID of the running launcher (signals are forwarded to it)
 KITS_PY=()          # how to run the suite's python (venv or singularity exec)
 KITS_HOSTS=()       # distinct hosts of the job
+KITS_MERGE=()       # pairs "scratch_dir|final_dir" also written on the other nodes (merged back)
+KITS_T0="$(date +%s)" # the job's start (the walltime counts from about then)
+KITS_JOB_KIND=""    # train, evaluate or preprocess
 
 kits_log() { printf '[kits %s] %s\n' "$(date '+%F %T')" "$*"; }
 
@@ -85,6 +110,13 @@ kits_abspath() {
 }
 
 kits_is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
+
+_kits_lib="$(dirname "${BASH_SOURCE[0]}")"
+# shellcheck source=jobs/cluster.sh
+source "$_kits_lib/cluster.sh"
+# shellcheck source=jobs/sync.sh
+source "$_kits_lib/sync.sh"
+unset _kits_lib
 
 # --- scheduler, resources ---------------------------------------------------------------------
 kits_detect() {
@@ -213,9 +245,14 @@ kits_parallel() {
     local -a mpi_extra=() srun_extra=() cmd=()
     read -ra mpi_extra <<<"$MPI_ARGS"
     read -ra srun_extra <<<"$SRUN_ARGS"
-    if [[ "$KITS_SCHED" == slurm && "$LAUNCHER" == srun ]]; then
-        # srun --mpi=pmix: Debian's OpenMPI has no SLURM PMI2 support (--mpi=pmi2 fails).
-        cmd=(srun --mpi=pmix --kill-on-bad-exit=1 --ntasks="$RANKS")
+    local plugin="$SRUN_MPI"
+    if [[ "$KITS_SCHED" == slurm && "$LAUNCHER" == srun && "$plugin" == auto ]]; then
+        plugin="$(srun --mpi=list 2>&1 | kits_choose_srun_mpi)"
+        kits_log "srun --mpi=list: using ${plugin/none/mpirun (no pmix or pmi2 plugin)}"
+    fi
+    if [[ "$KITS_SCHED" == slurm && "$LAUNCHER" == srun && "$plugin" != none ]]; then
+        # pmix first: Debian's and Ubuntu's OpenMPI have no SLURM PMI2 support
+        cmd=(srun --mpi="$plugin" --kill-on-bad-exit=1 --ntasks="$RANKS")
         # since SLURM 22.05 srun does not inherit the batch job's --cpus-per-task
         [[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && cmd+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
         cmd+=("${srun_extra[@]}" "${KITS_PY[@]}" "$@")
@@ -253,6 +290,14 @@ kits_parallel() {
     kits_launch "${cmd[@]}"
 }
 
+# kits_on_other_nodes CMD...: CMD once on every host of the job but this one (multi-node).
+kits_on_other_nodes() {
+    ((${#KITS_HOSTS[@]} > 1)) || return 0
+    local hosts
+    hosts="$(IFS=,; printf '%s' "${KITS_HOSTS[*]:1}")"
+    "$MPIRUN" -np $((${#KITS_HOSTS[@]} - 1)) --host "$hosts" --map-by node "$@"
+}
+
 # Run a command in the background and wait, so that a TERM (walltime) reaches the trap at once.
 kits_launch() {
     kits_log "run: $*"
@@ -288,12 +333,9 @@ kits_stage_in() {
     if ((${#KITS_HOSTS[@]} > 1)); then
         # Multi-node: scratch_local is per node, so every node gets its own copy (one copy
         # process per node). With scratch_shared or STAGE_DATA=0 this is not needed.
-        local hosts
-        hosts="$(IFS=,; printf '%s' "${KITS_HOSTS[*]:1}")"
-        kits_log "copying $src to the scratch of $hosts"
+        kits_log "copying $src to the scratch of ${KITS_HOSTS[*]:1}"
         # shellcheck disable=SC2016  # $1/$2 are for the inner bash
-        "$MPIRUN" -np $((${#KITS_HOSTS[@]} - 1)) --host "$hosts" --map-by node \
-            bash -c 'mkdir -p "$1" && cp -a "$2/." "$1/"' copy "$dst" "$src"
+        kits_on_other_nodes bash -c 'mkdir -p "$1" && cp -a "$2/." "$1/"' copy "$dst" "$src"
     fi
     printf -v "$var" '%s' "$dst"
 }
@@ -311,7 +353,9 @@ kits_stage_out() {
     mkdir -p "$dst"
     if [[ -n "$(ls -A "$final")" ]]; then
         kits_log "copying existing $final -> $dst"
+        local t0=$SECONDS
         cp -a "$final/." "$dst/"
+        KITS_COPY_SECONDS=$((SECONDS - t0))
     fi
     KITS_COPY_BACK+=("$dst|$final")
     printf -v "$var" '%s' "$dst"
@@ -321,23 +365,13 @@ kits_on_exit() {
     local rc=$?
     trap - EXIT
     set +e
-    local pair src dst failed=0
-    for pair in "${KITS_COPY_BACK[@]}"; do
-        src="${pair%%|*}"
-        dst="${pair#*|}"
-        [[ -n "$(ls -A "$src" 2>/dev/null)" ]] || continue
-        kits_log "copying results back: $src -> $dst"
-        if ! { mkdir -p "$dst" && cp -a "$src/." "$dst/"; }; then
-            printf '[kits] ERROR: copying %s back to %s failed; the scratch folder is kept\n' "$src" "$dst" >&2
-            failed=1
-        fi
-    done
+    kits_sync_loop_stop
+    kits_copy_back || { ((rc == 0)) && rc=3; }
     if [[ -n "$KITS_STAGE_ROOT" ]]; then
-        if ((failed)); then
+        if ((KITS_COPY_FAILED)); then
             kits_log "scratch kept for manual recovery: $KITS_STAGE_ROOT"
-            ((rc == 0)) && rc=3
         else
-            kits_clean_other_nodes
+            kits_on_other_nodes rm -rf "$KITS_STAGE_ROOT" || kits_log "could not clean the scratch of ${KITS_HOSTS[*]:1}"
             if [[ -n "${SCRATCHDIR:-}" && "$STAGE_DIR" == "$SCRATCHDIR" ]] && command -v clean_scratch >/dev/null 2>&1; then
                 kits_log "clean_scratch"
                 clean_scratch
@@ -346,26 +380,67 @@ kits_on_exit() {
             fi
         fi
     fi
+    kits_mark_chain_stop "$rc"
+    if ((rc == 0 || rc == 138 || rc == 143)); then kits_requeue; fi
     kits_log "job ${JOB_ID:-?} finished with exit code $rc"
     exit "$rc"
 }
 
-# Multi-node: remove the dataset copies kits_stage_in made on the other nodes' scratch.
-kits_clean_other_nodes() {
-    ((${#KITS_HOSTS[@]} > 1)) && [[ -n "$KITS_STAGE_ROOT" ]] || return 0
-    local hosts
-    hosts="$(IFS=,; printf '%s' "${KITS_HOSTS[*]:1}")"
-    "$MPIRUN" -np $((${#KITS_HOSTS[@]} - 1)) --host "$hosts" --map-by node \
-        rm -rf "$KITS_STAGE_ROOT" || kits_log "could not clean the scratch of $hosts"
+# Copy every output folder back to its permanent place (jobs/sync.sh: temporary names, commit
+# points last); those the other nodes wrote too (multi-node preprocessing) first from there.
+KITS_COPY_FAILED=0
+kits_copy_back() {
+    local pair src dst
+    for pair in "${KITS_MERGE[@]}"; do
+        src="${pair%%|*}"
+        dst="${pair#*|}"
+        kits_log "copying results back from ${KITS_HOSTS[*]:1}: $src -> $dst"
+        # shellcheck disable=SC2016  # $1.. are for the inner bash
+        kits_on_other_nodes bash -c 'source "$1" && kits_sync_dir "$2" "$3"' sync \
+            "$SUITE_DIR/jobs/common.sh" "$src" "$dst" || KITS_COPY_FAILED=1
+    done
+    KITS_MERGE=()
+    for pair in "${KITS_COPY_BACK[@]}"; do
+        src="${pair%%|*}"
+        dst="${pair#*|}"
+        [[ -n "$(ls -A "$src" 2>/dev/null)" ]] || continue
+        kits_log "copying results back: $src -> $dst"
+        if ! kits_sync_dir "$src" "$dst"; then
+            printf '[kits] ERROR: copying %s back to %s failed; the scratch folder is kept\n' "$src" "$dst" >&2
+            KITS_COPY_FAILED=1
+        fi
+    done
+    ((KITS_COPY_FAILED == 0))
 }
 
+# TERM at the walltime: PBS sends KILL about 10 s later, so only what fits in a few seconds:
+# stop the ranks (KILL after 3 s), then the exit trap copies back what the last sync did not
+# (the checkpoints are already in the permanent folder; see kits_sync_loop_start).
 kits_on_signal() {
     kits_log "received SIG$1 (walltime or qdel/scancel): stopping, then copying results back"
+    kits_sync_loop_stop
     if [[ -n "$KITS_CHILD" ]]; then
         kill -TERM "$KITS_CHILD" 2>/dev/null || true
+        local i
+        for ((i = 0; i < 30; i++)); do
+            kill -0 "$KITS_CHILD" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$KITS_CHILD" 2>/dev/null || true
         wait "$KITS_CHILD" 2>/dev/null || true
     fi
     exit "$2"
+}
+
+# SLURM with REQUEUE=1: a training job that ended (deadline, USR1 or TERM) before its last
+# epoch goes back to the queue, after its results are copied back.
+kits_requeue() {
+    [[ "$KITS_SCHED" == slurm && "$REQUEUE" == 1 && "$KITS_JOB_KIND" == train ]] || return 0
+    local epochs_done
+    epochs_done="$(kits_json_int epoch "$RUN_DIR/checkpoints/latest.json")"
+    ((${epochs_done:-0} < EPOCHS)) || return 0
+    kits_log "requeueing job $JOB_ID (epoch ${epochs_done:-0} of $EPOCHS done)"
+    scontrol requeue "$JOB_ID" || kits_log "scontrol requeue $JOB_ID failed (requeueing not allowed here?)"
 }
 
 kits_begin() {
@@ -374,6 +449,7 @@ kits_begin() {
     trap 'kits_on_signal INT 130' INT
     trap 'kits_on_signal USR1 138' USR1
     kits_detect
+    kits_load_modules
     case "$LAUNCHER" in
     srun | mpirun) ;;
     *) kits_die "LAUNCHER=$LAUNCHER: use srun (SLURM only) or mpirun" ;;
@@ -443,40 +519,62 @@ kits_verify() {
 
 # --- the three jobs ---------------------------------------------------------------------------
 kits_train() {
+    KITS_JOB_KIND=train
     kits_begin "training $MODEL"
+    RUN_DIR="$(kits_abspath "${RUN_DIR:-runs/$MODEL}")"
+    kits_check_chain
     kits_require DATA "the preprocessed dataset folder, e.g. qsub -v DATA=/storage/brno2/home/\$USER/kits/slices128 ... or sbatch --export=ALL,DATA=..."
     DATA="$(kits_abspath "$DATA")"
-    RUN_DIR="$(kits_abspath "${RUN_DIR:-runs/$MODEL}")"
     kits_is_uint "$EPOCHS" || kits_die "EPOCHS=$EPOCHS is not a number"
     kits_is_uint "$BATCH" || kits_die "BATCH=$BATCH is not a number"
+    if ! kits_is_uint "$SYNC_INTERVAL" || ((SYNC_INTERVAL == 0)); then kits_die "SYNC_INTERVAL=$SYNC_INTERVAL: give whole seconds > 0"; fi
     kits_check_dataset "$DATA"
 
-    local resume=()
+    # what resume looks for: the commit point of the last complete checkpoint
+    local resume=() done_epochs
     if [[ -f "$RUN_DIR/checkpoints/latest.json" ]]; then
+        done_epochs="$(kits_json_int epoch "$RUN_DIR/checkpoints/latest.json")"
+        if ((${done_epochs:-0} >= EPOCHS)); then
+            kits_log "$RUN_DIR has trained ${done_epochs} of $EPOCHS epochs: nothing to do"
+            return 0
+        fi
         resume=(--resume)
-        kits_log "checkpoint found in $RUN_DIR: resuming"
+        kits_log "checkpoint of epoch ${done_epochs:-?} found in $RUN_DIR: resuming"
+    fi
+    local -a gpu_flag=()
+    if kits_gpu_required; then
+        kits_check_gpus
+        gpu_flag=(--require-gpu)
     fi
     kits_stage_setup
     local data_dir="$DATA" run_dir
     [[ "$STAGE_DATA" == 1 ]] && kits_stage_in data_dir "$DATA" data
     kits_verify "$data_dir"
+    KITS_COPY_SECONDS=0
     kits_stage_out run_dir "$RUN_DIR" run
 
-    local -a extra=()
+    local -a extra=() limits=(--checkpoint-every "${CHECKPOINT_EVERY:-1}")
     read -ra extra <<<"$EXTRA_ARGS"
+    local deadline
+    deadline="$(kits_deadline "$KITS_COPY_SECONDS")"
+    if [[ -n "$deadline" ]]; then
+        ((deadline > $(date +%s))) || kits_die "the walltime (or TIME_LIMIT) leaves no time to train after STOP_MARGIN=$STOP_MARGIN s"
+        limits+=(--deadline "$deadline")
+        kits_log "training must stop by $(date -d "@$deadline" '+%F %T') ($((deadline - $(date +%s))) s from now)"
+    fi
+    # every new checkpoint goes to the permanent run folder while training runs
+    [[ "$run_dir" != "$RUN_DIR" ]] && kits_sync_loop_start "$run_dir" "$RUN_DIR"
     local rc=0
-    # A checkpoint every epoch (CHECKPOINT_EVERY) bounds what a walltime kill loses; TIME_LIMIT
-    # (seconds) makes training stop cleanly with a checkpoint before the walltime.
-    local -a limits=(--checkpoint-every "${CHECKPOINT_EVERY:-1}")
-    [[ -n "${TIME_LIMIT:-}" ]] && limits+=(--time-limit "$TIME_LIMIT")
     kits_parallel -m train.train --model "$MODEL" --data "$data_dir" --out "$run_dir" \
-        --epochs "$EPOCHS" --batch-size "$BATCH" "${limits[@]}" "${resume[@]}" "${extra[@]}" || rc=$?
+        --epochs "$EPOCHS" --batch-size "$BATCH" "${limits[@]}" "${gpu_flag[@]}" \
+        "${resume[@]}" "${extra[@]}" || rc=$?
     kits_log "training exited with code $rc (run folder $RUN_DIR)"
     return "$rc"
 }
 
 kits_evaluate() {
     RANKS=1 # train.evaluate is one process (GPU if the job has one)
+    KITS_JOB_KIND=evaluate
     kits_begin "evaluation"
     kits_require RUN_DIR "the training run folder (holding config.json and checkpoints/), e.g. RUN_DIR=runs/unet2d"
     kits_require KITS "the KiTS19 folder of case_XXXXX (imaging.nii.gz, segmentation.nii.gz)"
@@ -492,6 +590,7 @@ kits_evaluate() {
         DATA="$(kits_abspath "$DATA")"
         [[ -f "$DATA/manifest.json" ]] || kits_die "DATA=$DATA is not a dataset of this suite (no manifest.json)"
     fi
+    kits_check_gpus
 
     kits_stage_setup
     local kits_dir="$KITS" eval_dir
@@ -511,6 +610,7 @@ kits_evaluate() {
 kits_preprocess() {
     MODE="${MODE:-downsample}"
     SHARDS="${SHARDS:-8}"
+    KITS_JOB_KIND=preprocess
     kits_begin "preprocessing ($MODE)"
     kits_require KITS "the KiTS19 folder of case_XXXXX, e.g. qsub -v KITS=/storage/brno2/home/\$USER/kits19/data,DATA=... "
     kits_require DATA "the output dataset folder, e.g. DATA=/storage/brno2/home/\$USER/kits/slices128"
@@ -526,14 +626,32 @@ kits_preprocess() {
     kits_stage_setup
     local kits_dir="$KITS" out_dir
     [[ "${STAGE_KITS:-1}" == 1 ]] && kits_stage_in kits_dir "$KITS" kits
-    kits_stage_out out_dir "$DATA" data
+    if [[ -n "$KITS_STAGE_ROOT" ]] && ((${#KITS_HOSTS[@]} > 1)); then
+        # Several nodes: ranks claim cases in OUT/.work/claims and read each other's per-case
+        # results there, so .work must be on storage every node shares. --out is one path for
+        # all ranks: on this node a link to DATA itself (rank 0 makes DATA/.work and writes the
+        # manifest there), on the others a scratch folder whose .work links to DATA/.work; the
+        # shards those nodes write into their scratch are merged into DATA at the end.
+        out_dir="$KITS_STAGE_ROOT/data"
+        mkdir -p "$DATA"
+        ln -s "$DATA" "$out_dir"
+        # shellcheck disable=SC2016  # $1/$2 are for the inner bash
+        kits_on_other_nodes bash -c 'mkdir -p "$1" && ln -sfn "$2" "$1/.work"' link "$out_dir" "$DATA/.work"
+        KITS_MERGE+=("$out_dir|$DATA")
+    else
+        kits_stage_out out_dir "$DATA" data
+    fi
 
     local -a extra=()
     read -ra extra <<<"$EXTRA_ARGS"
     local rc=0
     kits_parallel -m "preprocess.$MODE" --kits "$kits_dir" --out "$out_dir" --shards "$SHARDS" \
         "${extra[@]}" || rc=$?
-    if ((rc == 0)); then
+    if ((rc == 0)) && ((${#KITS_MERGE[@]})); then
+        kits_copy_back || rc=3
+        ((rc == 0)) && { "${KITS_PY[@]}" -m preprocess.verify "$DATA" || rc=$?; }
+        ((rc == 0)) && rm -rf "$DATA/.work"
+    elif ((rc == 0)); then
         "${KITS_PY[@]}" -m preprocess.verify "$out_dir" || rc=$?
     fi
     kits_log "preprocessing exited with code $rc (dataset $DATA)"

@@ -42,7 +42,8 @@ def require_suite_modules(*modules: str) -> None:
 # --- data -------------------------------------------------------------------------------------
 def make_kits(folder: Path, n_cases: int = 8) -> Path:
     """A tiny KiTS19-format folder: preprocess.synthetic if the suite has it, else simple boxes."""
-    if (ROOT / "preprocess" / "synthetic.py").is_file():
+    synthetic = ROOT / "preprocess" / "synthetic"
+    if synthetic.with_suffix(".py").is_file() or (synthetic / "__main__.py").is_file():
         run_module(
             "preprocess.synthetic", "--n-cases", n_cases, "--slices", "24", "--size", "128",
             "--out", folder, "--seed", "0", "--quiet",

@@ -25,24 +25,37 @@ SECTIONS = ("files", "labels", "help", "environment", "post", "runscript", "test
 SUITE = "/opt/kits-suite"
 
 
-def sections(path: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """(header keys, {section: body}) of a definition file."""
-    header: dict[str, str] = {}
-    body: dict[str, list[str]] = {}
+def stages(path: Path) -> list[tuple[dict[str, str], dict[str, str]]]:
+    """(header keys, {section: body}) of each stage of a definition file; a new stage starts at
+    each ``Bootstrap:`` line. ``%files from STAGE`` is the section ``files from STAGE``."""
+    out: list[tuple[dict[str, str], dict[str, list[str]]]] = []
     current = None
     for line in path.read_text().splitlines():
-        m = re.match(r"^%(\w+)\s*$", line)
+        m = re.match(r"^%(\w+(?: from \w+)?)\s*$", line)
+        if line.startswith("Bootstrap:"):
+            out.append(({}, {}))
+            current = None
         if m:
             current = m.group(1)
-            assert current not in body, f"{path.name}: section %{current} twice"
-            body[current] = []
+            assert current not in out[-1][1], f"{path.name}: section %{current} twice in a stage"
+            out[-1][1][current] = []
         elif current is None:
             if line.strip() and not line.startswith("#"):
                 key, _, value = line.partition(":")
-                header[key.strip()] = value.strip()
+                out[-1][0][key.strip()] = value.strip()
         else:
-            body[current].append(line)
-    return header, {k: "\n".join(v).strip("\n") for k, v in body.items()}
+            out[-1][1][current].append(line)
+    return [(h, {k: "\n".join(v).strip("\n") for k, v in b.items()}) for h, b in out]
+
+
+def sections(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(first stage's header, {section: body}), each section's bodies of all stages joined."""
+    parts = stages(path)
+    body: dict[str, str] = {}
+    for _, stage_body in parts:
+        for name, text in stage_body.items():
+            body[name] = f"{body[name]}\n{text}" if name in body else text
+    return parts[0][0], body
 
 
 def requirement_pins() -> dict[str, str]:
@@ -69,15 +82,42 @@ PIP_PIN = setup_sh_value(r'"(pip==[\d.]+)"')
 def test_definition_parses_with_spython(variant):
     from spython.main.parse.parsers import SingularityParser
 
-    recipe = SingularityParser(str(DEFS[variant])).recipe["spython-base"]
-    header, _ = sections(DEFS[variant])
-    assert header["Bootstrap"] == "docker"
-    assert recipe.fromHeader == header["From"]
-    expected_base = "nvidia/cuda:12" if variant == "gpu" else "python:3.11-slim"
-    assert recipe.fromHeader.startswith(expected_base), recipe.fromHeader
-    assert recipe.files and recipe.install and recipe.labels and recipe.cmd and recipe.test
-    assert "TF_USE_LEGACY_KERAS=1" in recipe.environ
-    assert f"PYTHONPATH={SUITE}" in recipe.environ
+    recipes = list(SingularityParser(str(DEFS[variant])).recipe.values())
+    first, last = recipes[0], recipes[-1]
+    parts = stages(DEFS[variant])
+    assert len(recipes) == len(parts) == (2 if variant == "gpu" else 1)
+    for recipe, (header, _) in zip(recipes, parts, strict=True):
+        assert header["Bootstrap"] == "docker"
+        assert recipe.fromHeader == header["From"]
+        expected_base = "nvidia/cuda:12" if variant == "gpu" else "python:3.11-slim"
+        assert recipe.fromHeader.startswith(expected_base), recipe.fromHeader
+        assert recipe.install
+    assert first.files and last.labels and last.cmd and last.test
+    assert "TF_USE_LEGACY_KERAS=1" in last.environ
+    assert f"PYTHONPATH={SUITE}" in last.environ
+
+
+def test_gpu_image_builds_in_a_devel_stage_and_runs_on_the_runtime_base():
+    """Horovod is compiled in the CUDA devel stage; the final image is the same CUDA version's
+    runtime base with the built /opt/venv and the suite copied in, and no compiler."""
+    (build_header, build), (final_header, final) = stages(DEFS["gpu"])
+    assert build_header["Stage"] == "build" and final_header["Stage"] == "final"
+    devel = re.fullmatch(
+        r"nvidia/cuda:(\d+\.\d+\.\d+)-devel-(ubuntu\d+\.\d+)", build_header["From"]
+    )
+    runtime = re.fullmatch(
+        r"nvidia/cuda:(\d+\.\d+\.\d+)-runtime-(ubuntu\d+\.\d+)", final_header["From"]
+    )
+    assert devel and runtime, (build_header["From"], final_header["From"])
+    assert devel.groups() == runtime.groups(), "both stages must have the same CUDA and Ubuntu"
+    assert '"horovod==$HOROVOD_VERSION"' in build["post"]
+    assert "HOROVOD_VERSION" not in final["post"], "Horovod is built in the build stage only"
+    copied = [line.split() for line in final["files from build"].splitlines() if line.strip()]
+    assert ["/opt/venv", "/opt/venv"] in copied and [SUITE, SUITE] in copied
+    for build_only in ("g++", "cmake", "libopenmpi-dev", "python3.11-dev", "pip install"):
+        assert build_only not in final["post"], f"{build_only} in the final stage"
+    # the interpreter the venv was made with is installed in the final stage too
+    assert "python3.11" in final["post"] and "python3.11 -m venv /opt/venv" in build["post"]
 
 
 @pytest.mark.parametrize("variant", DEFS)

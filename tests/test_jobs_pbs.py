@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import PYTHON, run_env
 from jobs_support import (
     JOBS,
     PBS_TEMPLATES,
@@ -81,7 +82,8 @@ def test_pbs_directives_follow_metacentrum_pbs_pro_syntax(template):
     resources = [v for o, v in directives if o == "-l"]
 
     assert "-N" in opts and re.fullmatch(r"[A-Za-z][\w.-]{0,14}", values["-N"]), values.get("-N")
-    assert re.fullmatch(r"[a-z][\w]*", values.get("-q", "")), "queue (-q) missing"
+    # Metacentrum routes jobs asking for GPUs by themselves; -q gpu would cap the walltime at 24 h
+    assert values.get("-q") != "gpu"
     assert values.get("-j") == "oe"
 
     selects = [r for r in resources if r.startswith("select=")]
@@ -95,7 +97,7 @@ def test_pbs_directives_follow_metacentrum_pbs_pro_syntax(template):
     assert re.fullmatch(r"\d+gb", res["scratch_local"]), res
     assert set(res) <= {"ncpus", "ngpus", "mem", "scratch_local", "mpiprocs", "gpu_mem"}, res
     if template.startswith(("train", "evaluate")):
-        assert values["-q"] == "gpu" and int(res["ngpus"]) >= 1
+        assert int(res["ngpus"]) >= 1
     else:
         assert int(res.get("ngpus", "0")) == 0
 
@@ -130,10 +132,17 @@ def test_job_scripts_are_valid_bash_and_shellcheck_clean():
 
 
 # --- bad input: clear message, exit 2, nothing launched ---------------------------------------
-def test_train_without_data_path(tmp_path, submit_dir):
-    proc = PbsJob(tmp_path, "train_unet2d.pbs", submit_dir).run()
+def test_train_without_data_path_stops_the_chain(tmp_path, submit_dir, data):
+    """Bad input: exit 2 at once; the jobs chained after it (afterany) stop at once too,
+    instead of failing the same way one after the other."""
+    run_dir = tmp_path / "run"
+    proc = PbsJob(tmp_path, "train_unet2d.pbs", submit_dir, RUN_DIR=run_dir).run()
     assert_failed_fast(proc, "DATA is not set", "qsub -v DATA=")
-    assert not (submit_dir / "runs" / "unet2d" / "config.json").exists()
+    assert not (run_dir / "config.json").exists()
+    assert (run_dir / ".kits-chain-stopped").is_file()
+    proc = PbsJob(tmp_path, "train_unet2d.pbs", submit_dir, RUN_DIR=run_dir,
+                  DATA=data["slices"]).run()  # fmt: skip
+    assert_failed_fast(proc, "an earlier job of this run failed", "exited with status 2")
 
 
 def test_train_with_corrupt_dataset_stops_before_training_and_cleans_scratch(
@@ -162,7 +171,8 @@ def test_two_node_allocation_stages_on_every_node(tmp_path, submit_dir, data):
     so that mpirun reaches it without ssh) gets its own copy of the dataset, removed at the end."""
     host = socket.gethostname()
     job = PbsJob(tmp_path, "train_unet2d.pbs", submit_dir, nodes=("localhost", host),
-                 DATA=corrupt_shard(data["slices"], tmp_path / "corrupt"))  # fmt: skip
+                 DATA=corrupt_shard(data["slices"], tmp_path / "corrupt"),
+                 RUN_DIR=tmp_path / "run")  # fmt: skip
     proc = job.run()
     assert_failed_fast(proc, f"to the scratch of {host}", "failed verification")
     assert "on localhost " + host in proc.stdout
@@ -172,12 +182,13 @@ def test_two_node_allocation_stages_on_every_node(tmp_path, submit_dir, data):
 def test_more_ranks_than_shards(tmp_path, submit_dir, data):
     # select=1:...:mpiprocs=3 -> PBS_NODEFILE lists the host three times -> 3 ranks, 2 shards
     job = PbsJob(tmp_path, "train_unet2d.pbs", submit_dir, nodes=("localhost",) * 3,
-                 DATA=data["slices"])  # fmt: skip
+                 DATA=data["slices"], RUN_DIR=tmp_path / "run")  # fmt: skip
     assert_failed_fast(job.run(), "3 ranks but", "only 2 train shard")
 
 
 def test_ranks_must_divide_shards(tmp_path, submit_dir, data):
-    job = PbsJob(tmp_path, "train_unet2d.pbs", submit_dir, DATA=data["slices4"], RANKS="3")
+    job = PbsJob(tmp_path, "train_unet2d.pbs", submit_dir, DATA=data["slices4"], RANKS="3",
+                 RUN_DIR=tmp_path / "run")  # fmt: skip
     assert_failed_fast(job.run(), "4 train shards cannot be split evenly over 3 ranks", "1,2,4")
 
 
@@ -191,14 +202,17 @@ def test_ranks_must_divide_shards(tmp_path, submit_dir, data):
 )
 def test_rank_count_follows_the_allocation(tmp_path, submit_dir, data, nodes, ncpus, env, expect):
     job = PbsJob(tmp_path, "train_unet2d.pbs", submit_dir, nodes=nodes, ncpus=ncpus,
-                 DATA=data["slices"], **env)  # fmt: skip
+                 DATA=data["slices"], RUN_DIR=tmp_path / "run", **env)  # fmt: skip
     assert_failed_fast(job.run(), expect)
 
 
 def test_wrong_dataset_kind_and_not_a_dataset(tmp_path, submit_dir, data):
-    proc = PbsJob(tmp_path, "train_unet3d.pbs", submit_dir, DATA=data["slices"]).run()
+    # each its own run folder: a failed training job stops the chain of its run folder
+    proc = PbsJob(tmp_path, "train_unet3d.pbs", submit_dir, DATA=data["slices"],
+                  RUN_DIR=tmp_path / "run3d").run()  # fmt: skip
     assert_failed_fast(proc, "MODEL=unet3d needs a 'blocks' dataset")
-    proc = PbsJob(tmp_path, "train_unet2d.pbs", submit_dir, DATA=data["kits"]).run()
+    proc = PbsJob(tmp_path, "train_unet2d.pbs", submit_dir, DATA=data["kits"],
+                  RUN_DIR=tmp_path / "run2d").run()  # fmt: skip
     assert_failed_fast(proc, "is not a dataset of this suite")
 
 
@@ -211,9 +225,51 @@ def test_other_templates_reject_missing_paths(tmp_path, submit_dir, data):
     assert_failed_fast(proc, "holds no config.json")
 
 
+def test_gpu_job_without_usable_gpus_stops_before_staging(tmp_path, submit_dir, data):
+    """The scheduler gave 2 GPUs (CUDA_VISIBLE_DEVICES) but TensorFlow sees none: exit 2 with
+    the reason, before any data is copied or training started."""
+    job = PbsJob(tmp_path, "train_unet2d.pbs", submit_dir, DATA=data["slices"],
+                 RUN_DIR=tmp_path / "run", CUDA_VISIBLE_DEVICES="0,1")  # fmt: skip
+    proc = job.run()
+    assert_failed_fast(proc, "asked for 2 GPU(s)", "TensorFlow", "sees none", ".venv is for CPU")
+    assert "copying" not in proc.stdout and "staging" not in proc.stdout
+    assert scratch_leftovers(job) == []
+    # train.train itself refuses too
+    proc = subprocess.run(
+        [PYTHON, "-m", "train.train", "--model", "unet2d", "--data", str(data["slices"]),
+         "--out", str(tmp_path / "run2"), "--require-gpu"],
+        env=run_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (
+        "GPUs were required (--require-gpu) but TensorFlow sees none" in proc.stdout + proc.stderr
+    )
+    assert not (tmp_path / "run2" / "checkpoints").exists()
+
+
+def test_modules_are_loaded_first(tmp_path, submit_dir):
+    """MODULES="a b": `module add a`, `module add b` before anything else; a node without
+    environment modules is reported (exit 2). The `module` command here is a shell function
+    passed in the environment, as Environment Modules and Lmod define it."""
+    record = tmp_path / "module.log"
+    job = PbsJob(tmp_path, "train_unet2d.pbs", submit_dir, RUN_DIR=tmp_path / "run",
+                 MODULES="openmpi/4.1.6-gcc-10.2.1 cuda/12.5")  # fmt: skip
+    job.env["BASH_FUNC_module%%"] = f'() {{ echo "$*" >> {record}; }}'
+    proc = job.run()
+    assert_failed_fast(proc, "DATA is not set")  # the modules came first
+    assert record.read_text().splitlines() == ["add openmpi/4.1.6-gcc-10.2.1", "add cuda/12.5"]
+    assert "modules: openmpi/4.1.6-gcc-10.2.1 cuda/12.5" in proc.stdout
+
+    job = PbsJob(tmp_path, "train_unet2d.pbs", submit_dir, RUN_DIR=tmp_path / "run2",
+                 MODULES="openmpi")  # fmt: skip
+    job.env["MODULESHOME"] = str(tmp_path / "none")
+    proc = job.run()
+    assert_failed_fast(proc, "MODULES=openmpi is set but this node has no 'module' command")
+
+
 def test_image_without_singularity_is_reported(tmp_path, submit_dir, data):
     job = PbsJob(tmp_path, "train_unet2d.pbs", submit_dir, DATA=data["slices"],
-                 IMAGE=tmp_path / "kits.sif")  # fmt: skip
+                 IMAGE=tmp_path / "kits.sif", RUN_DIR=tmp_path / "run")  # fmt: skip
     job.env["PATH"] = "/usr/bin:/bin"  # no singularity/apptainer here anyway
     assert_failed_fast(job.run(), "neither singularity nor apptainer")
 
@@ -256,7 +312,7 @@ def test_pbs_resubmitted_training_resumes(trained):
     _, job = trained["jobs"]
     _, proc = trained["procs"]
     run_dir = trained["run_dir"]
-    assert "checkpoint found" in proc.stdout and "--resume" in proc.stdout
+    assert "checkpoint of epoch 1 found" in proc.stdout and "--resume" in proc.stdout
     assert read_json(run_dir / "checkpoints" / "latest.json")["epoch"] == 2
     with open(run_dir / "history.csv") as fh:
         epochs = [int(float(row["epoch"])) for row in csv.DictReader(fh)]
@@ -338,3 +394,76 @@ def _cmdline(p: Path) -> str:
         return (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+# --- walltime: a chain that stops by itself, is killed, and resumes ---------------------------
+def _latest(run_dir: Path) -> dict:
+    return read_json(run_dir / "checkpoints" / "latest.json")
+
+
+def _assert_complete_checkpoint(run_dir: Path) -> int:
+    """The permanent folder's checkpoint is complete: latest.json names files that are there
+    and readable (HDF5 weights, optimizer arrays); returns its epoch."""
+    import h5py
+    import numpy as np
+
+    latest = _latest(run_dir)
+    with h5py.File(run_dir / "checkpoints" / latest["weights"], "r") as fh:
+        assert len(fh.keys()) > 0
+    with np.load(run_dir / "checkpoints" / latest["optimizer"]) as npz:
+        assert len(npz.files) > 0
+    return int(latest["epoch"])
+
+
+def test_walltime_chain_stops_in_time_survives_kill_and_resumes(tmp_path, submit_dir, data):
+    """Job 1 has a walltime leaving room for a few epochs: it stops by itself before the
+    walltime, its checkpoint in the permanent run folder. Job 2 gets SIGTERM mid-epoch and SIGKILL
+    10 s later (what PBS does at the walltime). Job 3 resumes from the last complete checkpoint
+    the permanent folder holds."""
+    require_suite_modules("train.train")
+    run_dir = tmp_path / "run"
+    common = dict(DATA=data["slices"], RUN_DIR=run_dir, EPOCHS="1000", BATCH="2",
+                  SYNC_INTERVAL="1", STOP_MARGIN="25",
+                  EXTRA_ARGS="--model-option base_filters=4 --max-steps 3 --warmup-epochs 0 "
+                  "--workers 1 --no-check-sha256 --early-stop-patience 0")  # fmt: skip
+    walltime = 90  # start-up, a first epoch that traces the steps, then epochs of a few seconds
+    first = PbsJob(tmp_path, "train_unet2d.pbs", submit_dir, PBS_WALLTIME="00:01:30", **common)
+    proc = first.run(timeout=walltime + 60)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-6000:]
+    assert proc.elapsed < walltime, f"job 1 ran {proc.elapsed:.0f}s past its {walltime}s walltime"
+    assert "training must stop by" in out and "--deadline " in out
+    stop = re.search(r"stopping after epoch (\d+): the deadline is", out)
+    assert stop, out[-4000:]
+    assert _assert_complete_checkpoint(run_dir) == int(stop.group(1))
+    assert scratch_leftovers(first) == []
+
+    second = PbsJob(tmp_path, "train_unet2d.pbs", submit_dir, **common)
+    job = second.start()
+    try:
+        start = _assert_complete_checkpoint(run_dir)
+        lines = wait_for_line(job, r"checkpoint of epoch \d+ copied to", timeout=240)
+        synced = _latest(run_dir)["epoch"]
+        assert synced > start, "job 2 did not continue the run"
+        os.killpg(job.pid, signal.SIGTERM)  # PBS signals every process of the job
+        try:
+            rest, _ = job.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            rest, _ = job.communicate(timeout=30)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    out2 = "".join(lines) + rest
+    assert "--resume" in out2 and "received SIGTERM" in out2, out2[-4000:]
+    killed_at = _assert_complete_checkpoint(run_dir)
+    assert killed_at >= synced
+
+    third = PbsJob(tmp_path, "train_unet2d.pbs", submit_dir,
+                   **{**common, "EPOCHS": str(killed_at + 1)})  # fmt: skip
+    proc = third.run()
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert f"checkpoint of epoch {killed_at} found" in proc.stdout and "--resume" in proc.stdout
+    assert _assert_complete_checkpoint(run_dir) == killed_at + 1
+    with open(run_dir / "history.csv") as fh:
+        assert len(list(csv.DictReader(fh))) >= killed_at

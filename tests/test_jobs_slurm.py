@@ -11,6 +11,7 @@ at the end of the session, also when a test fails.
 from __future__ import annotations
 
 import atexit
+import re
 import subprocess
 from pathlib import Path
 
@@ -104,6 +105,11 @@ def test_slurm_templates_are_accepted_by_sbatch(cluster, submit_dir, template):
     directives = slurm_directives(JOBS / template)
     assert any(d.startswith("--time=") for d in directives)
     assert any(d.startswith("--output=") for d in directives)
+    # the batch shell gets USR1 before the time limit (the trap stops and copies back), and a
+    # requeued job appends to its log
+    signal = [d for d in directives if d.startswith("--signal=")]
+    assert len(signal) == 1 and re.fullmatch(r"--signal=B:USR1@\d+", signal[0]), signal
+    assert "--open-mode=append" in directives
     if template.startswith("train"):
         assert "--gres=gpu:2" in directives and "--ntasks-per-node=2" in directives
     proc = subprocess.run(
@@ -117,13 +123,54 @@ def test_slurm_templates_are_accepted_by_sbatch(cluster, submit_dir, template):
     assert proc.returncode == 0 and "to start at" in proc.stderr, proc.stderr
 
 
+# SLURM releases print `srun --mpi=list` differently; the choice is pmix, else pmi2, else none
+# (the template then starts the ranks with mpirun inside the allocation).
+MPI_LISTS = {
+    "slurm-22.05": "MPI plugin types are...\n\tnone\n\tcray_shasta\n\tpmi2\n\tpmix\n"
+    "specific pmix plugin versions available: pmix_v4\n",
+    "slurm-20.11": "srun: MPI types are...\nsrun: none\nsrun: pmix_v3\nsrun: pmi2\nsrun: pmix\n",
+    "pmi2-only": "MPI plugin types are...\n\tnone\n\tcray_shasta\n\tpmi2\n",
+    "none": "MPI plugin types are...\n\tnone\n",
+}
+
+
+def choose_plugin(listing: str) -> str:
+    script = f'source "{JOBS}/cluster.sh"; kits_choose_srun_mpi'
+    proc = subprocess.run(["bash", "-c", script], input=listing, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    "listing, plugin",
+    [("slurm-22.05", "pmix"), ("slurm-20.11", "pmix"), ("pmi2-only", "pmi2"), ("none", "none")],
+)
+def test_srun_mpi_plugin_choice(listing, plugin):
+    assert choose_plugin(MPI_LISTS[listing]) == plugin
+
+
+def test_srun_mpi_plugin_choice_on_this_cluster(cluster):
+    """The real `srun --mpi=list` of Debian's SLURM (which has pmix) gives pmix."""
+    proc = subprocess.run(["srun", "--mpi=list"], env=cluster.env(), capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert choose_plugin(proc.stdout + proc.stderr) == "pmix", proc.stdout + proc.stderr
+
+
 # --- bad input fails the job at once, with the reason in the log ------------------------------
-def test_slurm_job_without_data_fails_with_message(cluster, submit_dir):
-    job = cluster.sbatch(JOBS / "train_unet2d.slurm", cwd=submit_dir, env=job_env())
+def test_slurm_job_without_data_fails_with_message(cluster, submit_dir, tmp_path):
+    job = cluster.sbatch(JOBS / "train_unet2d.slurm", export(RUN_DIR=tmp_path / "run"),
+                         cwd=submit_dir, env=job_env())  # fmt: skip
     info = cluster.wait(job, timeout=120)
     log = log_of(submit_dir, info)
     assert_job(info, "FAILED", "2:0", log)
     assert "DATA is not set" in log and "srun" not in log.split("ERROR")[0]
+    # the run's chain is stopped, and a job submitted after the failure (not one of that
+    # chain: SLURM reports its submission time) goes ahead
+    assert (tmp_path / "run" / ".kits-chain-stopped").is_file()
+    job = cluster.sbatch(JOBS / "train_unet2d.slurm", export(RUN_DIR=tmp_path / "run"),
+                         cwd=submit_dir, env=job_env())  # fmt: skip
+    log = log_of(submit_dir, cluster.wait(job, timeout=120))
+    assert "submitted after the failure" in log and "DATA is not set" in log
 
 
 def test_slurm_more_ranks_than_shards_fails_before_launch(cluster, submit_dir, data):
@@ -139,14 +186,15 @@ def test_slurm_more_ranks_than_shards_fails_before_launch(cluster, submit_dir, d
 
 # --- training chain and evaluation ------------------------------------------------------------
 def test_slurm_training_chain_then_evaluation(cluster, submit_dir, data, tmp_path):
-    """jobs/chain.sh submits two training jobs (the second afterany the first, resuming), then
-    evaluate.slurm runs after them on a CPU-only allocation (--gres=none)."""
+    """jobs/chain.sh submits two training jobs (the second afterany the first, finding the run
+    complete), then evaluate.slurm runs after them on a CPU-only allocation (--gres=none)."""
     require_suite_modules("train.train", "train.evaluate")
     run_dir = tmp_path / "run"
     stage = tmp_path / "node_scratch"
-    # THREADS_PER_RANK=1: the node declares 16 CPUs, this machine may have 2
+    # THREADS_PER_RANK=1: the node declares 16 CPUs, this machine may have 2; REQUIRE_GPU=0:
+    # the node's GRES GPUs are character devices, TensorFlow sees none (CPU run on purpose)
     env = export(DATA=data["slices"], RUN_DIR=run_dir, STAGE_DIR=stage, THREADS_PER_RANK=1,
-                 **TINY_TRAIN)  # fmt: skip
+                 REQUIRE_GPU=0, **TINY_TRAIN)  # fmt: skip
     chain = subprocess.run(
         [str(JOBS / "chain.sh"), "2", str(JOBS / "train_unet2d.slurm"), env],
         cwd=submit_dir, env=cluster.env(job_env()), capture_output=True, text=True, timeout=60,
@@ -163,7 +211,9 @@ def test_slurm_training_chain_then_evaluation(cluster, submit_dir, data, tmp_pat
     info1 = cluster.wait(first, timeout=600)
     log1 = log_of(submit_dir, info1)
     assert_job(info1, "COMPLETED", "0:0", log1)
+    assert "srun --mpi=list: using pmix" in log1
     assert "run: srun --mpi=pmix" in log1 and "--ntasks=2" in log1
+    assert "training must stop by" in log1 and "--deadline " in log1  # squeue's end time
     assert "2 rank(s), 2 GPU(s)/node" in log1  # GRES gave CUDA_VISIBLE_DEVICES=0,1
     assert f"--out {stage}/" in log1 and "copying results back" in log1
     assert "--resume" not in log1
@@ -171,7 +221,8 @@ def test_slurm_training_chain_then_evaluation(cluster, submit_dir, data, tmp_pat
     info2 = cluster.wait(second, timeout=600)
     log2 = log_of(submit_dir, info2)
     assert_job(info2, "COMPLETED", "0:0", log2)
-    assert "--resume" in log2
+    # the first job trained every epoch: the chained one finds that out before staging anything
+    assert "has trained 1 of 1 epochs: nothing to do" in log2 and "run: srun" not in log2
 
     config = read_json(run_dir / "config.json")
     assert config["n_ranks"] == 2 and config["model"] == "unet2d"
