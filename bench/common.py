@@ -39,8 +39,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
 FORMAT_VERSION = 1
-# Real KiTS19 label maps (shared machines) and the three small ones committed for tests.
-SHARED_LABELS = Path("/work/shared/data/kits19-labels")
+# Real KiTS19 label maps (the data/ folder of a KiTS19 clone, relative to the working directory,
+# or $KITS19_LABELS) and the three small ones committed for tests.
+SHARED_LABELS = Path(os.environ.get("KITS19_LABELS", "kits19/data"))
 SMALL_LABELS = ROOT / "tests" / "data" / "kits19_labels_small"
 # Marks the one line of JSON a worker process prints for its parent (other output is ignored).
 RESULT_MARKER = "BENCH_RESULT "
@@ -273,24 +274,11 @@ def _jsonable(obj: Any) -> Any:
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see half a file.
+    """The suite's atomic JSON writer, after NaN/inf and numpy values are made JSON-safe."""
+    from preprocess.dataset_format import write_json_atomic as write_atomic
 
-    The temporary name ends in ``.tmp`` (ignored by git, removed by ``make clean``).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide results from other users
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(_jsonable(obj), fh, indent=2, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(_jsonable(obj), Path(path))
 
 
 def default_out(name: str) -> Path:
@@ -562,7 +550,7 @@ def make_kits(
     The folder's name is a digest of the options, so a cache folder can hold several and a
     later run reuses complete cases (the generator skips them).
     """
-    from preprocess.synthetic import DEFAULT_SLICES, generate
+    from preprocess.synthetic.cases import DEFAULT_SLICES, generate
 
     params = {
         "labels": str(Path(labels_dir).resolve()) if labels_dir else None,
@@ -592,11 +580,11 @@ def case_table(kits_dir: Path, cases: Sequence[int]) -> list[dict[str, Any]]:
     """Shape, spacing and file sizes of each case (from the NIfTI headers, no voxel data)."""
     import nibabel as nib
 
-    from preprocess.kits import IMAGING, SEGMENTATION, case_name, spacing_from_affine
+    from preprocess.kits import IMAGING, SEGMENTATION, case_folder, case_name, spacing_from_affine
 
     rows = []
     for c in cases:
-        folder = kits_dir / case_name(c)
+        folder = case_folder(kits_dir, c)
         img = nib.load(str(folder / IMAGING))
         rows.append(
             {

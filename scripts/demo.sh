@@ -5,8 +5,9 @@
 #   3. Unet2D training with Horovod on 2 ranks, until validation JC_w clearly beats the
 #      all-background baseline (or the time budget ends)
 #   4. evaluation (JC_w on the test split, KiTS19 Dice per case) and prediction with overlays
-#   5. evaluation and prediction with the shipped model_weights/ (Unet2D and Unet3D) on
-#      synthetic CT around committed real label maps they never saw
+#   5. the shipped model_weights/ (Unet2D and Unet3D): evaluation and prediction on synthetic CT
+#      around committed real label maps they never trained on, and on ten committed REAL CT
+#      slices (tests/data/real_ct_slices, KiTS23, never trained on): real CT is the yardstick
 # Everything lands in one report folder, named on the last line. Override any variable below
 # from the environment, e.g. `DEMO_EPOCHS=30 make demo`.
 set -euo pipefail
@@ -58,7 +59,8 @@ from pathlib import Path
 run, report = Path(sys.argv[1]), Path(sys.argv[2])
 best = json.loads((run / "checkpoints" / "best.json").read_text())
 cfg = json.loads((run / "config.json").read_text())
-man = json.loads((Path(cfg["dataset"]["dir"]) / "manifest.json").read_text())
+# dataset.dir is relative to the run folder (an absolute one joins to itself)
+man = json.loads((run / cfg["dataset"]["dir"] / "manifest.json").read_text())
 counts = man["splits"]["val"]["class_voxel_counts"]
 w = cfg["class_weights"]
 # all-background prediction: JC_bg = background share, JC_kidney = JC_tumor = 0
@@ -75,9 +77,9 @@ CASE_DIR="$OUT/kits/$(printf 'case_%05d' "$TEST_CASE")"
 "$PY" -m train.predict --run "$OUT/run" --input "$CASE_DIR" --output "$REPORT/predictions" \
     --overlay-slices auto --postprocess --no-progress
 
-say "5/5 shipped model_weights/ (Unet2D, Unet3D) on held-out real label maps -> $REPORT/shipped_*"
+say "5/5 shipped model_weights/ (Unet2D, Unet3D) on held-out label maps and real CT -> $REPORT/shipped_*"
 # Synthetic CT around the committed KiTS19 label maps that the shipped weights never trained on
-# (they were trained on CT rendered the same way around other label maps).
+# (neither as CT rendered around them nor as real slices of those patients).
 SHIPPED=()
 for model in unet2d unet3d; do
     [[ -f "$ROOT/model_weights/$model/config.json" ]] && SHIPPED+=("$model")
@@ -86,21 +88,23 @@ if ((${#SHIPPED[@]} == 0)); then
     echo "    no model_weights/*/config.json: skipped"
 else
     LABEL_MAPS="$ROOT/tests/data/kits19_labels_small"
+    REAL_SLICES="$ROOT/tests/data/real_ct_slices"
     HELD_OUT="$("$PY" - "$LABEL_MAPS" "${SHIPPED[@]/#/$ROOT/model_weights/}" <<'PYEOF'
 import json, sys
 from pathlib import Path
 from preprocess.synthetic import find_label_files
 seen = set()
 for run in sys.argv[2:]:
-    splits = json.loads((Path(run) / "config.json").read_text())["dataset"]["splits"]
-    seen |= set(splits["train"]) | set(splits["val"])
+    config = json.loads((Path(run) / "config.json").read_text())
+    for dataset in ("dataset", "mix_dataset"):
+        seen |= set(config.get(dataset, {}).get("splits", {}).get("train", []))
 held_out = [c for c in sorted(find_label_files(sys.argv[1])) if c not in seen]
 if not held_out:
     sys.exit(f"error: every label map in {sys.argv[1]} was used to train the shipped weights")
 print(",".join(map(str, held_out)))
 PYEOF
 )"
-    echo "    cases $HELD_OUT from $LABEL_MAPS (not in the shipped weights' training or validation)"
+    echo "    cases $HELD_OUT from $LABEL_MAPS (not in the shipped weights' training)"
     "$PY" -m preprocess.synthetic --labels "$LABEL_MAPS" --cases "$HELD_OUT" \
         --out "$OUT/kits_labels" --seed 1 --quiet
     FIRST="$(printf 'case_%05d' "${HELD_OUT%%,*}")"
@@ -111,6 +115,8 @@ PYEOF
         "$PY" -m train.predict --run "$ROOT/model_weights/$model" --input "$OUT/kits_labels/$FIRST" \
             --output "$REPORT/shipped_$model/predictions" --overlay-slices auto --postprocess \
             --no-progress
+        "$PY" -m train.evaluate --run "$ROOT/model_weights/$model" --kits "$REAL_SLICES" \
+            --volumes-only --no-progress --out "$REPORT/shipped_${model}_real_ct"
     done
 fi
 
@@ -118,8 +124,11 @@ say "report"
 cat "$REPORT/results.md"
 for model in "${SHIPPED[@]}"; do
     echo
-    echo "Shipped $model on held-out cases:"
+    echo "Shipped $model on held-out synthetic cases:"
     cat "$REPORT/shipped_$model/results.md"
+    echo
+    echo "Shipped $model on ten real CT slices (tests/data/real_ct_slices, KiTS23):"
+    cat "$REPORT/shipped_${model}_real_ct/results.md"
 done
 echo
 echo "Demo report folder: $REPORT"

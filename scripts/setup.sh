@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # One-command, idempotent set-up of the suite on a fresh Debian 12 machine:
-#   1. apt packages (OpenMPI, compilers for the Horovod build, SLURM + munge for the scheduler tests);
+#   1. apt packages: OpenMPI and compilers for the Horovod build; with KITS_SETUP_TEST=1 (what
+#      `make test` sets) also SLURM, munge, strace and shellcheck for the scheduler tests. Without
+#      root or password-less sudo (a cluster login node) apt is skipped, and the build tools must
+#      already be on PATH (e.g. after the site's `module add`);
 #   2. a virtual environment in .venv with the pinned requirements.txt;
-#   3. Horovod built from source against that TensorFlow, with MPI and Gloo.
+#   3. Horovod built from source against that TensorFlow, with MPI and Gloo;
+#   4. the suite itself, editable (`pip install -e . --no-deps`): the kits-* commands in .venv/bin.
 # A second run finds everything in place (stamp file keyed on the inputs) and takes seconds.
 set -euo pipefail
 export TF_CPP_MIN_LOG_LEVEL=2
@@ -11,18 +15,36 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 HOROVOD_VERSION="0.28.1"
-APT_PACKAGES=(openmpi-bin libopenmpi-dev cmake g++ make slurm-wlm munge procps strace shellcheck)
+BUILD_PACKAGES=(openmpi-bin libopenmpi-dev cmake g++ make procps)
+TEST_PACKAGES=(slurm-wlm munge strace shellcheck)
+APT_PACKAGES=("${BUILD_PACKAGES[@]}")
+[[ "${KITS_SETUP_TEST:-0}" == 1 ]] && APT_PACKAGES+=("${TEST_PACKAGES[@]}")
 
 log() { printf '[setup] %s\n' "$*"; }
+# The editable install points at this checkout (a moved or second checkout needs its own).
+suite_installed() {
+    [[ -x "$VENV/bin/kits-train" ]] && (cd / && "$VENV/bin/python" -c \
+        "import sys, train; sys.exit(not train.__file__.startswith(sys.argv[1]))" "$ROOT/") \
+        >/dev/null 2>&1
+}
 
 # --- 1. apt ---------------------------------------------------------------------------------
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
-if ((${#missing[@]})); then
-    SUDO=""
-    [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+SUDO=""
+[[ $(id -u) -ne 0 ]] && SUDO="sudo"
+if ((${#missing[@]})) && [[ -n "$SUDO" ]] && ! sudo -n true 2>/dev/null; then
+    log "no root and no password-less sudo: not installing ${missing[*]}"
+    for tool in mpicc mpirun cmake g++; do
+        command -v "$tool" >/dev/null || {
+            echo "[setup] error: $tool is not on PATH; load the site's modules first (e.g." \
+                "module add openmpi cmake gcc) or install: ${missing[*]}" >&2
+            exit 2
+        }
+    done
+elif ((${#missing[@]})); then
     log "installing apt packages: ${missing[*]}"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
@@ -32,9 +54,11 @@ fi
 
 # --- 2. venv + pinned requirements ----------------------------------------------------------
 STAMP="$VENV/.suite-setup-stamp"
-want_stamp="$( (cat "$ROOT/requirements.txt"; echo "horovod==$HOROVOD_VERSION"; "$PYTHON" --version) | sha256sum | cut -d' ' -f1)"
+want_stamp="$( (cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml"; echo "horovod==$HOROVOD_VERSION"
+    "$PYTHON" --version) | sha256sum | cut -d' ' -f1)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]] \
-    && "$VENV/bin/python" -c "import horovod.tensorflow" >/dev/null 2>&1; then
+    && "$VENV/bin/python" -c "import horovod.tensorflow" >/dev/null 2>&1 \
+    && suite_installed; then
     log "virtual environment up to date ($VENV)"
     exit 0
 fi
@@ -57,5 +81,9 @@ if ! "$VENV/bin/python" -c "import horovod.tensorflow" >/dev/null 2>&1; then
         "$VENV/bin/python" -m pip install -q --no-build-isolation --no-cache-dir "horovod==$HOROVOD_VERSION"
 fi
 "$VENV/bin/horovodrun" --check-build | sed 's/^/[setup] /'
+
+# --- 4. the suite's commands (kits-train, kits-predict, ...) ---------------------------------
+log "installing the suite (editable) and its kits-* commands"
+"$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
 echo "$want_stamp" > "$STAMP"
 log "done"
