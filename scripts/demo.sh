@@ -89,6 +89,8 @@ if ((${#SHIPPED[@]} == 0)); then
 else
     LABEL_MAPS="$ROOT/tests/data/kits19_labels_small"
     REAL_SLICES="$ROOT/tests/data/real_ct_slices"
+    REAL_IDS="$("$PY" -c "import sys; from preprocess.kits import list_cases
+print(','.join(map(str, list_cases(sys.argv[1]))))" "$REAL_SLICES")"
     HELD_OUT="$("$PY" - "$LABEL_MAPS" "${SHIPPED[@]/#/$ROOT/model_weights/}" <<'PYEOF'
 import json, sys
 from pathlib import Path
@@ -116,7 +118,7 @@ PYEOF
             --output "$REPORT/shipped_$model/predictions" --overlay-slices auto --postprocess \
             --no-progress
         "$PY" -m train.evaluate --run "$ROOT/model_weights/$model" --kits "$REAL_SLICES" \
-            --volumes-only --no-progress --out "$REPORT/shipped_${model}_real_ct"
+            --cases "$REAL_IDS" --volumes-only --no-progress --out "$REPORT/shipped_${model}_real_ct"
     done
 fi
 

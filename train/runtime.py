@@ -192,6 +192,17 @@ def basic_info(config: dict[str, Any], summary: dict[str, Any]) -> str:
     augmentation = (
         "flip, rotate +-5 deg, zoom +-5 %, shift +-10 px per sample" if t["augment"] else "none"
     )
+    if t.get("intensity_augment", "none") != "none":
+        augmentation += f"; intensity: {t['intensity_augment']} {t.get('intensity_p') or ''}"
+    mix = config.get("mix_dataset")
+    mixed = (
+        [
+            f"mixed in:         {mix['dir']} ({mix['kind']}), {t['mix_fraction']} of every "
+            f"training epoch, manifest sha256 {mix['manifest_sha256']}"
+        ]
+        if mix
+        else []
+    )
     lines = [
         f"model:            {config['model']}  ({config['n_params']:,} parameters, input "
         f"{config['input_shape']})",
@@ -206,6 +217,7 @@ def basic_info(config: dict[str, Any], summary: dict[str, Any]) -> str:
         f"                  manifest sha256 {ds['manifest_sha256']}",
         f"                  {summary.get('n_train', '?')} training samples, "
         f"{summary.get('n_val', '?')} validation samples",
+        *mixed,
         f"normalisation:    HU [{ds['normalization']['hu_min']}, {ds['normalization']['hu_max']}]"
         f" -> [0, 1], {ds['channels']} channels",
         f"ranks:            {config['n_ranks']}  (batch {t['batch_size']} per rank, global "
@@ -217,7 +229,7 @@ def basic_info(config: dict[str, Any], summary: dict[str, Any]) -> str:
         f"class weights:    {[round(w, 4) for w in config['class_weights']]} (balanced x "
         f"factors {t['class_factors']})",
         f"tumor factor:     {t['tumor_factor']}",
-        f"augmentation:     {augmentation}",
+        f"augmentation:     {augmentation.rstrip()}",
         f"epochs:           {summary.get('epochs_done', 0)} of {t['epochs']}"
         + (
             f" (stopped early at {summary['stopped_epoch']})"
