@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     parameters = {
         "models": names,
-        "labels": str(labels),
+        "labels": Path(labels).name,  # the folder's name: results name no machine's path
         "cases": ids,
         "batch_size": args.batch_size,
         "tensorflow_threads": {

@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         **results,
     }
     parameters = {
-        "labels": str(labels),
+        "labels": Path(labels).name,  # the folder's name: results name no machine's path
         "cases": ids,
         "max_slices": args.max_slices,
         "repeats": repeats,
