@@ -31,12 +31,9 @@ from __future__ import annotations
 
 import argparse
 import ast
-import gc
 import json
 import os
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,21 +42,18 @@ if __package__ in (None, ""):  # run as a file, bench/ would shadow the train pa
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Keras 2, before TensorFlow is imported
 
-from bench import common  # noqa: E402
+from bench import common, machine  # noqa: E402
+from bench.train_input import (  # noqa: E402
+    IDG_REFERENCE_SPS,
+    QUICK_OPTIONS,
+    run_epoch,
+    run_keras_idg,
+    run_pipeline,
+)
 
 NAME = "train"
 PARTS = ("scaling", "pipeline", "keras_idg", "epoch")
 DEFAULT_MODELS = ("unet2d", "unet3d")
-QUICK_OPTIONS = {"base_filters": 4}  # unet2d/unet3d; other models shrink with width
-IDG_REFERENCE_SPS = 280.0  # what the thesis's ImageDataGenerator is expected to manage
-# ImageDataGenerator settings of the thesis, the same transforms as train.augment's defaults
-IDG_ARGS = {
-    "horizontal_flip": True,
-    "rotation_range": 5,
-    "zoom_range": 0.05,
-    "width_shift_range": 10,
-    "height_shift_range": 10,
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,7 +210,7 @@ def _check_memory(one_rank: dict[str, Any], n_ranks: int) -> None:
     """
     peak = max(m["per_rank"][0]["peak_rss_gib"] for m in one_rank["models"].values())
     need = n_ranks * peak * 1.1  # 10 % for the parent, MPI and the page cache's minimum
-    available = common.memory_info()["available_gib"]
+    available = machine.memory_info()["available_gib"]
     if available is not None and available < need:
         raise common.BenchError(
             f"{n_ranks} ranks need about {need:.1f} GiB ({peak:.1f} GiB peak per rank with 1 "
@@ -327,224 +321,55 @@ def run_scaling(args: argparse.Namespace, run: common.BenchRun) -> dict[str, Any
 # --------------------------------------------------------------------------------------------
 
 
-def pipeline_source(
-    dataset: Path, batch_size: int, workers: int, augment: bool = True
-) -> tuple[Any, Any]:
-    """(BatchSource, RankShards) over the dataset's train shard, as train.data.build_feed
-    makes them (one rank, tumor factor 1 as for 2D models)."""
-    from preprocess.dataset_format import load_manifest
-    from train.augment import AugmentConfig
-    from train.data import BatchSource, EpochPlan, RankShards
-
-    manifest = load_manifest(dataset)
-    shards = RankShards.load(dataset, "train", 0, 1, manifest)
-    plan = EpochPlan(len(shards), shards.has_tumor, len(shards), 1.0, seed=42, rank=0)
-    source = BatchSource(
-        shards, plan, batch_size, AugmentConfig() if augment else None, 42, 0, workers
-    )
-    return source, shards
-
-
-def _rate(iterator: Iterator[Any], batch_size: int, warmup: int, batches: int) -> dict[str, Any]:
-    """Samples per second over ``batches`` batches of an iterator, after ``warmup`` batches."""
-    for _ in range(warmup):
-        next(iterator)
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    seconds = time.perf_counter() - t0
-    return {
-        "samples_per_s": batches * batch_size / seconds,
-        "seconds": seconds,
-        "batches": batches,
-        "warmup_batches": warmup,
-    }
-
-
-def run_pipeline(dataset: Path, batches: int) -> dict[str, Any]:
-    from preprocess.kits import N_CLASSES
-    from train.data import make_dataset
-
-    batch, workers = 64, 2
-    source, shards = pipeline_source(dataset, batch, workers)
-    gen = source.batches(0)
-    raw = _rate(gen, batch, warmup=10, batches=batches)
-    gen.close()  # stops the thread pool before the next measurement
-    print(f"  (b) BatchSource.batches: {raw['samples_per_s']:8.0f} samples/s", flush=True)
-    source, _ = pipeline_source(dataset, batch, workers)
-    ds = make_dataset(source, 0, channels=3, n_classes=N_CLASSES)
-    it = iter(ds)
-    tfdata = _rate(it, batch, warmup=10, batches=batches)
-    del it, ds  # let the generator's workers go before the next measurement
-    gc.collect()
-    print(f"  (b) make_dataset (tf.data): {tfdata['samples_per_s']:8.0f} samples/s", flush=True)
-    return {
-        "dataset": str(dataset),
-        "shard_samples": len(shards),
-        "sample_shape": list(shards.images.shape[1:]),
-        "batch_size": batch,
-        "workers": workers,
-        "augmentation": "flip, rotation +-5 deg, zoom +-5 %, shift +-10 px (train.augment)",
-        "raw_uint8": raw,
-        "tf_data": tfdata,
-    }
-
-
-def run_keras_idg(dataset: Path, batches: int) -> dict[str, Any]:
-    """The thesis's generator pair over in-memory float arrays, one thread."""
-    import numpy as np
-    from tf_keras.preprocessing.image import ImageDataGenerator
-
-    batch = 64
-    _, shards = pipeline_source(dataset, batch, 1, augment=False)
-    n = min(len(shards), 4 * batch)
-    images = np.repeat((shards.images[:n].astype(np.float32) / 255.0)[..., None], 3, axis=-1)
-    masks = np.eye(3, dtype=np.float32)[shards.masks[:n]]
-    seed = 1  # the same seed makes both generators draw the same order and transforms
-    it_img = ImageDataGenerator(**IDG_ARGS).flow(images, batch_size=batch, seed=seed)
-    it_msk = ImageDataGenerator(**IDG_ARGS).flow(masks, batch_size=batch, seed=seed)
-
-    def pairs():
-        while True:  # alternate strictly: each flow reseeds numpy before its batch
-            yield next(it_img), next(it_msk)
-
-    rate = _rate(pairs(), batch, warmup=1, batches=batches)
-    print(f"  (c) ImageDataGenerator: {rate['samples_per_s']:8.0f} samples/s", flush=True)
-    return {
-        "batch_size": batch,
-        "settings": IDG_ARGS,
-        "arrays": "image float32 128x128x3, mask one-hot float32 128x128x3, in memory",
-        "threads": 1,
-        "reference_samples_per_s": IDG_REFERENCE_SPS,
-        **rate,
-    }
-
-
-def epoch_timer() -> Any:
-    """A Keras callback collecting each epoch's wall time (measured from here, not in train/)."""
-    import tf_keras as keras
-
-    class EpochTimes(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.seconds: list[float] = []
-            self._t0 = 0.0
-
-        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-            self._t0 = time.perf_counter()
-
-        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            self.seconds.append(time.perf_counter() - self._t0)
-
-    return EpochTimes()
-
-
-def run_epoch(dataset: Path, steps: int, batch: int, quick: bool) -> dict[str, Any]:
-    """Second-epoch wall time fed by make_dataset vs fed one in-memory batch (same model)."""
-    import numpy as np
-    import tensorflow as tf
-    import tf_keras as keras
-
-    import models
-    from train.data import make_dataset
-    from train.losses import get_loss
-    from train.metrics import get_metrics
-    from train.runtime import set_seeds
-
-    workers = 2
-    source, shards = pipeline_source(dataset, batch, workers)
-    source.limit_steps(steps)
-    shape = (*shards.images.shape[1:], 3)
-    options = {"l2": 1e-4, **(QUICK_OPTIONS if quick else {})}
-    set_seeds(42)
-    model = models.build("unet2d", shape, 3, **options)
-    weights = [0.35, 12.0, 180.0]
-    model.compile(
-        optimizer=keras.optimizers.Adam(4e-4),
-        loss=get_loss("weighted_dice", class_weights=weights),
-        metrics=get_metrics(weights),
-    )
-    # one real augmented batch, turned into model input as make_dataset does, kept in memory
-    images, masks = source.make_batch(0, 0)
-    x = np.repeat((images.astype(np.float32) / 255.0)[..., None], 3, axis=-1)
-    y = np.eye(3, dtype=np.float32)[masks]
-    in_memory = tf.data.Dataset.from_tensors((x, y)).repeat()
-    results = {}
-    for label, ds in (
-        ("in_memory", in_memory),
-        ("pipeline", make_dataset(source, 0, 3, 3)),
-    ):
-        timer = epoch_timer()
-        model.fit(ds, steps_per_epoch=steps, epochs=2, callbacks=[timer], verbose=0)
-        results[label] = {"epoch_seconds": timer.seconds, "timed_epoch_seconds": timer.seconds[1]}
-        print(f"  (d) epoch 2 fed {label:<9}: {timer.seconds[1]:8.2f} s", flush=True)
-    ratio = results["pipeline"]["timed_epoch_seconds"] / results["in_memory"]["timed_epoch_seconds"]
-    return {
-        "model": "unet2d",
-        "input_shape": list(shape),
-        "options": options,
-        "batch_size": batch,
-        "steps_per_epoch": steps,
-        "workers": workers,
-        "tensorflow_threads": "default",
-        "in_memory": results["in_memory"],
-        "pipeline": results["pipeline"],
-        "ratio": ratio,
-        "compute_samples_per_s": steps * batch / results["in_memory"]["timed_epoch_seconds"],
-        "method": "model.fit(epochs=2); the second epoch is timed by a callback; in_memory "
-        "repeats one batch from tf.data.Dataset.from_tensors",
-    }
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = sorted(set(parts) - set(PARTS))
-    if unknown:
-        build_parser().error(f"--parts: unknown {unknown}; choose from {PARTS}")
-    if args.models is None:
-        args.models = "unet2d" if args.quick else ",".join(DEFAULT_MODELS)
-    from models import MODEL_NAMES  # cheap: TensorFlow is imported when a model is built
-
-    unknown = sorted({m.strip() for m in args.models.split(",") if m.strip()} - set(MODEL_NAMES))
-    if unknown:
-        build_parser().error(f"--models: unknown {unknown}; choose from {list(MODEL_NAMES)}")
-    run = common.BenchRun(NAME, args)
-    measurements: dict[str, Any] = {}
-    targets: list[common.Target] = []
-    info: list[common.Info] = []
-
-    if "scaling" in parts:
-        print("(a) training throughput, 1 and 2 ranks ...", flush=True)
-        measurements["scaling"] = run_scaling(args, run)
-        for name in measurements["scaling"]["models"]:
-            targets.append(
-                common.Target(
-                    f"scaling_efficiency_{name}",
-                    f"scaling.models.{name}.efficiency",
-                    ">=",
-                    0.9,
+def record_scaling(
+    args: argparse.Namespace,
+    run: common.BenchRun,
+    measurements: dict[str, Any],
+    targets: list[common.Target],
+    info: list[common.Info],
+) -> None:
+    """Part (a): training throughput with 1 and 2 ranks, its targets and figures."""
+    print("(a) training throughput, 1 and 2 ranks ...", flush=True)
+    measurements["scaling"] = run_scaling(args, run)
+    for name in measurements["scaling"]["models"]:
+        targets.append(
+            common.Target(
+                f"scaling_efficiency_{name}",
+                f"scaling.models.{name}.efficiency",
+                ">=",
+                0.9,
+                "",
+                f"{name}: samples/s with 2 ranks / (2 x with 1 rank), 1 thread per rank",
+            )
+        )
+        if "ceiling_efficiency" in measurements["scaling"]["models"][name]:
+            info.append(
+                common.Info(
+                    f"{name}_ceiling_efficiency",
+                    f"scaling.models.{name}.ceiling_efficiency",
                     "",
-                    f"{name}: samples/s with 2 ranks / (2 x with 1 rank), 1 thread per rank",
+                    "2 independent ranks (no allreduce) / (2 x 1 rank): the machine's limit",
                 )
             )
-            if "ceiling_efficiency" in measurements["scaling"]["models"][name]:
-                info.append(
-                    common.Info(
-                        f"{name}_ceiling_efficiency",
-                        f"scaling.models.{name}.ceiling_efficiency",
-                        "",
-                        "2 independent ranks (no allreduce) / (2 x 1 rank): the machine's limit",
-                    )
+        for n in ("1rank", "2ranks"):
+            info.append(
+                common.Info(
+                    f"{name}_samples_per_s_{n}",
+                    f"scaling.models.{name}.samples_per_s_{n}",
+                    "samples/s",
                 )
-            for n in ("1rank", "2ranks"):
-                info.append(
-                    common.Info(
-                        f"{name}_samples_per_s_{n}",
-                        f"scaling.models.{name}.samples_per_s_{n}",
-                        "samples/s",
-                    )
-                )
+            )
+
+
+def record_local_parts(
+    args: argparse.Namespace,
+    parts: list[str],
+    measurements: dict[str, Any],
+    targets: list[common.Target],
+    info: list[common.Info],
+) -> None:
+    """Parts (b)-(d) on one generated slice dataset: input pipeline, the thesis's
+    ImageDataGenerator, epoch time against compute time."""
     local = [p for p in parts if p != "scaling"]
     if local:
         with common.work_folder(args.cache) as cache:
@@ -613,6 +438,29 @@ def main(argv: list[str] | None = None) -> int:
                         "epoch fed by make_dataset / same steps fed an in-memory batch (unet2d)",
                     )
                 )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        build_parser().error(f"--parts: unknown {unknown}; choose from {PARTS}")
+    if args.models is None:
+        args.models = "unet2d" if args.quick else ",".join(DEFAULT_MODELS)
+    from models import MODEL_NAMES  # cheap: TensorFlow is imported when a model is built
+
+    unknown = sorted({m.strip() for m in args.models.split(",") if m.strip()} - set(MODEL_NAMES))
+    if unknown:
+        build_parser().error(f"--models: unknown {unknown}; choose from {list(MODEL_NAMES)}")
+    run = common.BenchRun(NAME, args)
+    measurements: dict[str, Any] = {}
+    targets: list[common.Target] = []
+    info: list[common.Info] = []
+
+    if "scaling" in parts:
+        record_scaling(args, run, measurements, targets, info)
+    record_local_parts(args, parts, measurements, targets, info)
     parameters = {
         "parts": parts,
         "models": args.models,

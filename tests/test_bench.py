@@ -188,12 +188,12 @@ def test_targets_and_json(tmp_path: Path) -> None:
 
 def test_two_ranks_refused_without_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two ranks are not started when the 1-rank peak says they would not fit."""
-    from bench import common
+    from bench import common, machine
     from bench import train as bench_train
 
     one_rank = {"models": {"unet3d": {"per_rank": [{"peak_rss_gib": 8.0}]}}}
-    monkeypatch.setattr(common, "memory_info", lambda: {"available_gib": 16.0})
+    monkeypatch.setattr(machine, "memory_info", lambda: {"available_gib": 16.0})
     with pytest.raises(common.BenchError, match="not started"):
         bench_train._check_memory(one_rank, 2)
-    monkeypatch.setattr(common, "memory_info", lambda: {"available_gib": 20.0})
+    monkeypatch.setattr(machine, "memory_info", lambda: {"available_gib": 20.0})
     bench_train._check_memory(one_rank, 2)
