@@ -36,49 +36,53 @@ def _case_list(text: str) -> list[int]:
     return ids
 
 
+DESCRIPTION = (
+    "Write a synthetic KiTS19-format dataset: OUT/case_XXXXX/imaging.nii.gz (int16 HU,\n"
+    "(slices, H, W), KiTS19 affine with the case's spacing) and segmentation.nii.gz\n"
+    "(uint8: 0 background, 1 kidney, 2 tumor).\n\n"
+    "Anatomy source:\n"
+    "  --labels DIR  real KiTS19 label maps (case_XXXXX_segmentation.nii.gz files, or\n"
+    "                case_XXXXX/segmentation.nii.gz folders). Each output keeps its label\n"
+    "                map exactly (same case id, shape, spacing from the file's affine)\n"
+    "                unless --max-slices/--size shrink it, and gets a CT rendered around\n"
+    "                its kidneys.\n"
+    "  (none)        analytic cases: two bean-shaped kidneys with cortex, medulla and\n"
+    "                sinus; tumors of 3-45 mm radius in ~80% of cases; geometry, slice\n"
+    "                spacing (1-5 mm) and field of view (512 px at 0.6-1.0 mm) vary.\n\n"
+    "The CT is a portal/nephrographic-phase abdomen: air -1000, fat ~-100, muscle\n"
+    "40-60, liver 100-130, kidney cortex 150-200 over a darker medulla, bone (cortex\n"
+    "700-1200, cancellous 200-300), bowel with gas, heterogeneous tumors (~35-130 HU,\n"
+    "necrotic cores, enhancing rims), blur, a smooth gain field and noise (10-20 HU).\n\n"
+    "Each case is seeded from (--seed, case id): identical whichever cases are generated\n"
+    "and however many MPI ranks share the work (mpirun -np N python -m\n"
+    "preprocess.synthetic ...; ranks take cases round robin, rank 0 prints progress).\n"
+    "Existing complete cases (both files) are skipped unless --overwrite; files are\n"
+    "written atomically, so an interrupted run can simply be restarted.\n\n"
+    "Domain randomisation (--randomize full): every case draws its own contrast phase\n"
+    "(unenhanced to excretory), tissue HU, tumor look relative to the kidney (hypo-,\n"
+    "iso-, hyper-enhancing), noise level and grain, blur, slice profile, reconstruction\n"
+    "kernel, bias field, habitus and bowel content, seeded from (--seed, case id); the\n"
+    "anatomy and labels stay those of --randomize none, which is the look above.\n"
+    f"{RECORD} beside the cases records each case's source, options and drawn style."
+)
+EPILOG = (
+    "examples:\n"
+    "  python -m preprocess.synthetic --out data/synth --n-cases 12\n"
+    "  python -m preprocess.synthetic --out data/test --first-id 200 --n-cases 10\n"
+    "  python -m preprocess.synthetic --out data/kits_synth \\\n"
+    "      --labels kits19/data --cases 0-9,12 --randomize full\n"
+    "  python -m preprocess.synthetic --out data/small --labels DIR --n-cases 3 \\\n"
+    "      --max-slices 32 --size 128\n\n"
+    "exit status: 0 success, 2 bad input (message 'error: ...' on stderr)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m preprocess.synthetic",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
-            "Write a synthetic KiTS19-format dataset: OUT/case_XXXXX/imaging.nii.gz (int16 HU,\n"
-            "(slices, H, W), KiTS19 affine with the case's spacing) and segmentation.nii.gz\n"
-            "(uint8: 0 background, 1 kidney, 2 tumor).\n\n"
-            "Anatomy source:\n"
-            "  --labels DIR  real KiTS19 label maps (case_XXXXX_segmentation.nii.gz files, or\n"
-            "                case_XXXXX/segmentation.nii.gz folders). Each output keeps its label\n"
-            "                map exactly (same case id, shape, spacing from the file's affine)\n"
-            "                unless --max-slices/--size shrink it, and gets a CT rendered around\n"
-            "                its kidneys.\n"
-            "  (none)        analytic cases: two bean-shaped kidneys with cortex, medulla and\n"
-            "                sinus; tumors of 3-45 mm radius in ~80% of cases; geometry, slice\n"
-            "                spacing (1-5 mm) and field of view (512 px at 0.6-1.0 mm) vary.\n\n"
-            "The CT is a portal/nephrographic-phase abdomen: air -1000, fat ~-100, muscle\n"
-            "40-60, liver 100-130, kidney cortex 150-200 over a darker medulla, bone (cortex\n"
-            "700-1200, cancellous 200-300), bowel with gas, heterogeneous tumors (~35-130 HU,\n"
-            "necrotic cores, enhancing rims), blur, a smooth gain field and noise (10-20 HU).\n\n"
-            "Each case is seeded from (--seed, case id): identical whichever cases are generated\n"
-            "and however many MPI ranks share the work (mpirun -np N python -m\n"
-            "preprocess.synthetic ...; ranks take cases round robin, rank 0 prints progress).\n"
-            "Existing complete cases (both files) are skipped unless --overwrite; files are\n"
-            "written atomically, so an interrupted run can simply be restarted.\n\n"
-            "Domain randomisation (--randomize full): every case draws its own contrast phase\n"
-            "(unenhanced to excretory), tissue HU, tumor look relative to the kidney (hypo-,\n"
-            "iso-, hyper-enhancing), noise level and grain, blur, slice profile, reconstruction\n"
-            "kernel, bias field, habitus and bowel content, seeded from (--seed, case id); the\n"
-            "anatomy and labels stay those of --randomize none, which is the look above.\n"
-            f"{RECORD} beside the cases records each case's source, options and drawn style."
-        ),
-        epilog=(
-            "examples:\n"
-            "  python -m preprocess.synthetic --out data/synth --n-cases 12\n"
-            "  python -m preprocess.synthetic --out data/test --first-id 200 --n-cases 10\n"
-            "  python -m preprocess.synthetic --out data/kits_synth \\\n"
-            "      --labels kits19/data --cases 0-9,12 --randomize full\n"
-            "  python -m preprocess.synthetic --out /tmp/small --labels DIR --n-cases 3 \\\n"
-            "      --max-slices 32 --size 128\n\n"
-            "exit status: 0 success, 2 bad input (message 'error: ...' on stderr)"
-        ),
+        description=DESCRIPTION,
+        epilog=EPILOG,
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
     parser.add_argument(
