@@ -423,7 +423,7 @@ def test_walltime_chain_stops_in_time_survives_kill_and_resumes(tmp_path, submit
     require_suite_modules("train.train")
     run_dir = tmp_path / "run"
     common = dict(DATA=data["slices"], RUN_DIR=run_dir, EPOCHS="1000", BATCH="2",
-                  SYNC_INTERVAL="1", STOP_MARGIN="25",
+                  SYNC_INTERVAL="1", STOP_MARGIN="40",
                   EXTRA_ARGS="--model-option base_filters=4 --max-steps 3 --warmup-epochs 0 "
                   "--workers 1 --no-check-sha256 --early-stop-patience 0")  # fmt: skip
     walltime = 90  # start-up, a first epoch that traces the steps, then epochs of a few seconds
