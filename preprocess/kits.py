@@ -10,6 +10,7 @@ KiTS19 layout (array (slices, H, W), see :func:`kits_affine`) by ``preprocess.or
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import re
@@ -28,6 +29,8 @@ CASE_RE = re.compile(r"^case_(\d{5})$")
 CASE_FOLDER_RE = re.compile(r"^case_(\d{5})(?:_.+)?$")
 IMAGING = "imaging.nii.gz"
 SEGMENTATION = "segmentation.nii.gz"
+# The first two bytes of every gzip file.
+GZIP_MAGIC = b"\x1f\x8b"
 LABELS = (0, 1, 2)
 CLASS_NAMES = ("background", "kidney", "tumor")
 N_CLASSES = len(CLASS_NAMES)
@@ -147,25 +150,49 @@ def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def _nifti_voxels(content: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels and affine of the NIfTI-1/2 image in the bytes of a .nii file, read by nibabel.
+
+    Unscaled voxels are a read-only view of ``content`` where nibabel's array proxy places them
+    (offset, type, shape, order): nibabel's own read would copy every voxel once more into
+    fresh memory, whose page faults make that copy slow on a large CT.
+    """
+    header = content[: nib.Nifti2Header.sizeof_hdr]
+    klass = nib.Nifti2Image if nib.Nifti2Header.may_contain_header(header) else nib.Nifti1Image
+    image = klass.from_bytes(content)
+    proxy = image.dataobj
+    if (proxy.slope, proxy.inter) == (1, 0):
+        voxels = np.ndarray(
+            proxy.shape, proxy.dtype, buffer=content, offset=proxy.offset, order=proxy.order
+        )
+    else:
+        voxels = np.asarray(proxy)
+    return voxels, np.asarray(image.affine, dtype=np.float64)
+
+
 def read_volume(path: Path, where: str) -> tuple[np.ndarray, np.ndarray, str]:
     """Voxels, affine and SHA-256 of a NIfTI-1/2 file (.nii or .nii.gz), read with nibabel.
 
-    The voxels keep the file's stored type when it is unscaled (int16 for KiTS19: a float copy
-    of a 600-slice CT is 630 MB and slow to make); scaled storage comes back as nibabel scales
-    it (floats). The array is in the file's own layout, not reoriented. Raises
-    :class:`CaseError` naming ``where`` and the file.
+    The file is read once: hashed, decompressed in one call if gzipped (the standard library's
+    gzip.decompress; nibabel's streaming read takes 8 KiB at a time), parsed by nibabel. The
+    voxels keep the file's stored type when it is unscaled (int16 for KiTS19: a float copy of a
+    600-slice CT is 630 MB and slow to make) and are then read-only; scaled storage comes back
+    as nibabel scales it (floats). The array is in the file's own layout, not reoriented.
+    Raises :class:`CaseError` naming ``where`` and the file.
     """
     if not path.is_file():
         raise CaseError(f"{where}: missing file {path}")
     try:
-        image = nib.load(str(path))
-        voxels = np.asarray(image.dataobj)
-        digest = sha256_file(path)
+        data = path.read_bytes()
     except OSError as exc:
         raise CaseError(f"{where}: cannot read {path}: {exc}") from exc
-    except Exception as exc:  # nibabel, gzip and zlib raise several types for bad files
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        content = gzip.decompress(data) if data[:2] == GZIP_MAGIC else data
+        voxels, affine = _nifti_voxels(content)
+    except Exception as exc:  # gzip, zlib and nibabel raise several types for bad files
         raise CaseError(f"{where}: cannot read {path} as NIfTI: {exc}") from exc
-    return voxels, np.asarray(image.affine, dtype=np.float64), digest
+    return voxels, affine, digest
 
 
 def canonical_volume(path: Path, where: str) -> tuple[np.ndarray, Reorientation, str]:
@@ -207,7 +234,8 @@ class Case:
     """One loaded and validated case, in the canonical KiTS19 layout."""
 
     case_id: int
-    # HU, (slices, H, W), in the file's own type (int16 for KiTS19); a view of nibabel's array
+    # HU, (slices, H, W), in the file's own type (int16 for KiTS19); a read-only view of the
+    # decompressed file (see read_volume)
     imaging: np.ndarray
     segmentation: np.ndarray | None  # uint8 0/1/2, (slices, H, W); None for unlabeled input
     affine: np.ndarray  # of the canonical arrays

@@ -29,7 +29,11 @@ _CHUNK_SLICES = 64
 def _window_into(hu: np.ndarray, out: np.ndarray, hu_min: float, hu_max: float) -> np.ndarray:
     """Write the HU window of ``hu``, scaled to 0..255, into float32 ``out`` (same shape)."""
     lo, hi = np.float32(hu_min), np.float32(hu_max)
-    np.clip(hu, lo, hi, out=out)
+    # Converting first and clipping in float32 gives the same numbers as clipping the input's
+    # own type (the bounds are float32 values, and rounding to float32 keeps order), and it is
+    # faster: a clip that converts as it goes runs a slow buffered loop.
+    np.copyto(out, hu, casting="unsafe")
+    np.clip(out, lo, hi, out=out)
     out -= lo
     out *= np.float32(255.0) / (hi - lo)
     return out
@@ -194,10 +198,13 @@ def resize_masks(masks: np.ndarray, size: Size, method: str = "area_rescue") -> 
 def labels_from_fractions(kidney: np.ndarray, tumor: np.ndarray) -> np.ndarray:
     """``area_rescue`` labels (S, rows, columns) from each class's covered fraction per pixel."""
     fractions = {1: kidney, 2: tumor}
-    # Largest covered fraction wins; ties go to the rarer class (tumor, then kidney).
+    # Largest covered fraction wins; ties go to the rarer class (tumor, then kidney). Two
+    # comparisons are the argmax over (background, kidney, tumor) with its first-wins rule on
+    # exact ties, without stacking the three.
     background = 1.0 - kidney - tumor
-    scores = np.stack([background, kidney + 1e-6, tumor + 2e-6])
-    out = np.argmax(scores, axis=0).astype(np.uint8)
+    kidney_score, tumor_score = kidney + 1e-6, tumor + 2e-6
+    out = (kidney_score > background).astype(np.uint8)
+    out[(tumor_score > background) & (tumor_score > kidney_score)] = 2
     for label in (2, 1):
         for s in np.flatnonzero((fractions[label] > 0).any(axis=(1, 2))):
             _rescue_lost_components(fractions[label][s], out[s], label)

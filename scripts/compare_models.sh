@@ -14,9 +14,10 @@
 #      Widths are reduced as stated in widths() below (MODEL_OPTIONS_<model> overrides them);
 #   3. (unet3d) train.select_checkpoint on the whole synthetic validation volumes, as
 #      train_weights.sh does;
-#   4. train.evaluate on the held-out synthetic test cases -> OUT/MODEL/evaluation/ and, with
+#   4. train.evaluate on the held-out synthetic test cases -> OUT/MODEL/evaluation/; with
 #      REAL_CT, on the real validation slices (the split's "val" ids present in REAL_CT, 2D models
-#      only: they are single slices) -> OUT/MODEL/evaluation_real/;
+#      only: they are single slices) -> OUT/MODEL/evaluation_real/; with REAL_VOLUMES, every
+#      model (Unet3D too) on whole real CT volumes, post-processed -> OUT/MODEL/evaluation_volume/;
 #   5. the table: python -m train.compare -> OUT/results.md.
 # Stopped at any point, the script continues where it was when started again: a model whose
 # run folder holds checkpoints/latest.json trains on with --resume, a finished one is skipped,
@@ -33,9 +34,13 @@
 #                         here are taken from the checkout)
 #   REAL_CT []            real CT slices (case_XXXXX_sNNN folders), e.g. the real development set
 #   REAL_SPLIT [preprocess/real_ct_dev_split.json]  which real case ids train and which validate
+#   REAL_VOLUMES []       real CT volumes with kidney masks, never trained on (case_XXXXX folders
+#                         in any orientation), e.g. a folder whose case_00000 links to the
+#                         real-ct-dev RAS volume (totalsegmentator-example/example_ct)
 #   WORK [weights_work; QUICK: OUT/work]  generated CT and datasets
-#   SAMPLES [38400]       the budget: CT slices trained on per model (Unet2D at base_filters 32
-#                         does about 10 samples/s on 2 busy cores: about an hour a model)
+#   SAMPLES [5120]        the budget: CT slices trained on per model (40 epochs of the 2D
+#                         models' 128 samples; Unet2D at base_filters 32 does about 7 samples/s
+#                         with validation on 2 cores: about 13 minutes a model)
 #   EPOCHS [from SAMPLES; QUICK 2]  a fixed number of epochs for every model instead
 #   RANKS [2]  BATCH [16; QUICK 4] per rank (2D)  LR [4e-4] per rank (2D)  LR_3D [3e-4] (batch 1)
 #   MAX_STEPS [0: whole epochs; QUICK 2]  MAX_STEPS_3D [30; QUICK 2]  steps per epoch at most
@@ -65,6 +70,15 @@ else
 fi
 WORK="${WORK:-$([[ "$QUICK" == 1 ]] && echo "$OUT/work" || echo weights_work)}"
 [[ -z "$REAL_CT" || -d "$REAL_CT" ]] || { echo "error: REAL_CT folder $REAL_CT not found" >&2; exit 2; }
+REAL_VOLUMES="${REAL_VOLUMES:-}" VOLUME_CASES=""
+if [[ -n "$REAL_VOLUMES" ]]; then
+    VOLUME_CASES="$("$PY" -c 'import sys
+from preprocess.kits import CaseError, list_cases
+try:
+    print(",".join(map(str, list_cases(sys.argv[1]))))
+except CaseError as exc:
+    sys.exit(f"error: REAL_VOLUMES: {exc}")' "$REAL_VOLUMES")" || exit 2
+fi
 QUICK_TAG=""
 [[ "$QUICK" == 1 ]] && QUICK_TAG=" (QUICK)"
 MPIRUN=(mpirun -np "$RANKS" --oversubscribe --bind-to none)
@@ -90,45 +104,24 @@ widths() {
     fi
 }
 
-# The splits: real ids from REAL_SPLIT present in REAL_CT; synthetic cases as train_weights.sh
-# chooses them (QUICK: analytic ids 0-3 train, 4 validation, 5 test).
-SPLITS="$("$PY" - "$QUICK" "$LABELS" "$REAL_SPLIT" "$REAL_CT" "$MODELS" <<'PYEOF'
-import json, sys
-from pathlib import Path
-import models
-from preprocess.kits import CaseError, list_cases
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-quick, labels, split_file, real = sys.argv[1] == "1", Path(sys.argv[2]), sys.argv[3], sys.argv[4]
-unknown = set(sys.argv[5].split(",")) - set(models.MODEL_NAMES)
-if unknown:
-    fail(f"MODELS: unknown {', '.join(sorted(unknown))}; known: {', '.join(models.MODEL_NAMES)}")
-split = json.loads(Path(split_file).read_text())
-try:
-    present = set(list_cases(Path(real))) if real else set()
-except CaseError as exc:
-    fail(exc)
-real_train = [c for c in split["train"] if c in present]
-real_val = [c for c in split["val"] if c in present]
-if real and not real_val:
-    fail(f"{real} holds none of the validation ids of {split_file}")
-if quick:
-    train, val, test = [0, 1, 2, 3], [4], [5]
-else:
-    from preprocess.synthetic import find_label_files
-    if not labels.is_dir():
-        fail(f"label maps folder {labels} not found (set LABELS)")
-    ids = sorted(find_label_files(labels))
-    held = [c for c in ids if c in set(split["val"])]
-    train = [c for c in ids if c not in set(split["val"]) and not 200 <= c <= 209]
-    val, test = held[0:24:4], held[2:24:4]
-    if len(train) < 10 or len(val) < 3 or len(test) < 3:
-        fail(f"{labels} holds too few label maps ({len(ids)}) for a training split")
-print(*(",".join(map(str, part)) or "-" for part in (train, val, test, real_train, real_val)))
-PYEOF
-)" || exit 2
-read -r TRAIN VAL TEST REAL_TRAIN REAL_VAL <<<"$SPLITS"
+# The splits (preprocess.splits.recipe_split, shared with train_weights.sh): real ids from
+# REAL_SPLIT present in REAL_CT; synthetic cases from the label maps (QUICK: analytic ids 0-3
+# train, 4 validation, 5 test).
+"$PY" -c 'import models, sys
+unknown = set(sys.argv[1].split(",")) - set(models.MODEL_NAMES)
+known = ", ".join(models.MODEL_NAMES)
+sys.exit(f"error: MODELS: unknown {chr(44).join(sorted(unknown))}; known: {known}" if unknown else 0)' \
+    "$MODELS" || exit 2
+if [[ "$QUICK" == 1 ]]; then
+    SPLITS="$("$PY" -m preprocess.splits --real-split "$REAL_SPLIT" --real-ct "$REAL_CT")" || exit 2
+    read -r _ _ _ REAL_TRAIN REAL_VAL <<<"$SPLITS"
+    TRAIN=0,1,2,3 VAL=4 TEST=5
+else
+    [[ -d "$LABELS" ]] || { echo "error: label maps folder $LABELS not found (set LABELS)" >&2; exit 2; }
+    SPLITS="$("$PY" -m preprocess.splits --labels "$LABELS" --real-split "$REAL_SPLIT" \
+        --real-ct "$REAL_CT")" || exit 2
+    read -r TRAIN VAL TEST REAL_TRAIN REAL_VAL <<<"$SPLITS"
+fi
 [[ "$REAL_TRAIN" == - ]] && REAL_TRAIN=""
 [[ "$REAL_VAL" == - ]] && REAL_VAL=""
 echo "models: $MODELS"
@@ -175,7 +168,7 @@ trained_epochs() {
 # budget_epochs RUN: the whole epochs that reach SAMPLES CT slices, from the epoch size its
 # config.json records
 budget_epochs() {
-    "$PY" - "$1/config.json" "${SAMPLES:-38400}" <<'PYEOF'
+    "$PY" - "$1/config.json" "${SAMPLES:-5120}" <<'PYEOF'
 import json, math, sys
 config = json.load(open(sys.argv[1]))
 depth = config["dataset"].get("block_depth") or 1  # a Unet3D sample is a block of slices
@@ -254,10 +247,15 @@ for model in "${MODEL_LIST[@]}"; do
     fi
     data="$SLICES" real="$REAL_CT"
     [[ "$model" == unet3d ]] && data="$BLOCKS" real=""  # the real slices are single slices
-    say "4/5 evaluating $model: held-out synthetic cases $TEST${real:+, real slices $REAL_VAL}"
+    say "4/5 evaluating $model: held-out synthetic cases $TEST${real:+, real slices $REAL_VAL}\
+${REAL_VOLUMES:+, real volumes $VOLUME_CASES}"
     evaluate "$run" "$run/evaluation" --kits "$SYNTH" --cases "$TEST" --data "$data" --postprocess
     if [[ -n "$real" ]]; then
         evaluate "$run" "$run/evaluation_real" --kits "$real" --cases "$REAL_VAL" --volumes-only
+    fi
+    if [[ -n "$REAL_VOLUMES" ]]; then
+        evaluate "$run" "$run/evaluation_volume" --kits "$REAL_VOLUMES" --cases "$VOLUME_CASES" \
+            --volumes-only --postprocess
     fi
 done
 

@@ -76,22 +76,13 @@ esac
 MPIRUN=(mpirun -np "$RANKS" --oversubscribe --bind-to none)
 say() { printf '\n=== %s\n' "$*"; }
 
-# The splits: synthetic training from every label map but the real validation patients' and
-# the thesis's test cases; synthetic validation and test from real validation patients.
-read -r TRAIN VAL TEST REAL_TRAIN REAL_VAL < <("$PY" - "$LABELS" "$REAL_SPLIT" <<'PYEOF'
-import json, sys
-from pathlib import Path
-from preprocess.synthetic import find_label_files
-ids = sorted(find_label_files(Path(sys.argv[1])))
-split = json.loads(Path(sys.argv[2]).read_text())
-held = [c for c in ids if c in set(split["val"])]
-train = [c for c in ids if c not in set(split["val"]) and not 200 <= c <= 209]
-val, test = held[0:24:4], held[2:24:4]
-if len(train) < 10 or len(val) < 3 or len(test) < 3:
-    sys.exit(f"error: {sys.argv[1]} holds too few label maps ({len(ids)}) for a training split")
-print(*(",".join(map(str, part)) for part in (train, val, test, split["train"], split["val"])))
-PYEOF
-)
+# The splits (preprocess.splits.recipe_split, shared with compare_models.sh): synthetic
+# training from every label map but the real validation patients' and the thesis's test cases;
+# synthetic validation and test from real validation patients.
+SPLITS="$("$PY" -m preprocess.splits --labels "$LABELS" --real-split "$REAL_SPLIT" \
+    --real-ct "$REAL_CT")" || exit 2
+read -r TRAIN VAL TEST REAL_TRAIN REAL_VAL <<<"$SPLITS"
+[[ "$REAL_TRAIN" == - ]] && REAL_TRAIN=""
 echo "synthetic cases: train $TRAIN; validation $VAL; test (held out) $TEST"
 
 say "1/5 synthetic CT (domain-randomised) around the label maps -> $WORK/kits_synthetic"

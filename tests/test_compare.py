@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import models
-from tests.conftest import PYTHON, ROOT, run_env, run_module
+from tests.conftest import PYTHON, ROOT, run_env, run_module, write_simple_kits
 from train import compare
 
 RUN_FILES = ("config.json", "basic_info.txt", "history.csv", "evaluation/metrics.json")
@@ -48,8 +48,9 @@ def table_rows(markdown: str) -> dict[str, list[str]]:
 
 def test_quick_comparison_trains_evaluates_and_tabulates_all_seven(tmp_path: Path) -> None:
     out = tmp_path / "runs"
+    volumes = write_simple_kits(tmp_path / "volumes", [7], n_slices=20, size=64)
     start = time.monotonic()
-    run_script(out)
+    run_script(out, REAL_VOLUMES=str(volumes))
     print(f"QUICK=1 comparison of seven models: {time.monotonic() - start:.0f} s")
 
     for name in models.MODEL_NAMES:
@@ -64,6 +65,8 @@ def test_quick_comparison_trains_evaluates_and_tabulates_all_seven(tmp_path: Pat
         if name != "unet3d":  # real CT: single slices, 2D models only
             real = json.loads((run / "evaluation_real" / "metrics.json").read_text())
             assert real["volumes"]["n_cases"] == 10 and real["dataset"] is None
+        volume = json.loads((run / "evaluation_volume" / "metrics.json").read_text())
+        assert volume["volumes"]["cases"] == ["case_00007"] and volume["dataset"] is None
     assert (out / "unet3d" / "selection.json").is_file()
     assert not (out / "unet3d" / "evaluation_real").exists()
 
@@ -75,6 +78,7 @@ def test_quick_comparison_trains_evaluates_and_tabulates_all_seven(tmp_path: Pat
         by_column = dict(zip(header, cells, strict=True))
         numeric = ["Parameters", "Training samples", "CT slices seen", "Wall time", "Samples/s"]
         numeric += ["JC_w synthetic", "Kidney+tumor Dice synthetic", "JC_w thesis"]
+        numeric += ["Kidney Dice real volume"]
         if name != "unet3d":
             numeric += ["Kidney+tumor Dice real"]
         for column in numeric:
@@ -99,7 +103,9 @@ def test_quick_comparison_trains_evaluates_and_tabulates_all_seven(tmp_path: Pat
         assert (out / "unet2d" / folder / "metrics.json").stat().st_mtime > best
 
 
-def write_run(run: Path, *, block_depth: int | None = None, real: bool = True) -> None:
+def write_run(
+    run: Path, *, block_depth: int | None = None, real: bool = True, volume: bool = False
+) -> None:
     """A run folder with the files train.train and train.evaluate write, trimmed to what the
     table reads."""
     (run / "checkpoints").mkdir(parents=True)
@@ -128,21 +134,26 @@ def write_run(run: Path, *, block_depth: int | None = None, real: bool = True) -
     (run / "evaluation" / "metrics.json").write_text(json.dumps(metrics))
     if real:
         # 4 slices, 1 with kidney: all background scores 0.75; this model 0.7 does not beat it
-        real_metrics = {
-            "dataset": None,
-            "volumes": {
-                "n_cases": 4,
-                "kidney_dice_mean": 0.7,
-                "headline": {"kidney_tumor_dice": 0.6, "tumor_dice": None, "n_kidney": 1},
-            },
-        }
-        (run / "evaluation_real").mkdir()
-        (run / "evaluation_real" / "metrics.json").write_text(json.dumps(real_metrics))
+        _write_scores(run / "evaluation_real", n_cases=4, kidney_dice_mean=0.7, headline=0.6)
+    if volume:
+        # 1 volume with kidney: all background scores 0; this model 0.3 beats it
+        _write_scores(run / "evaluation_volume", n_cases=1, kidney_dice_mean=0.3, headline=0.3)
+
+
+def _write_scores(folder: Path, *, n_cases: int, kidney_dice_mean: float, headline: float) -> None:
+    """metrics.json of train.evaluate --volumes-only on real cases, one of them with kidney."""
+    volumes = {
+        "n_cases": n_cases,
+        "kidney_dice_mean": kidney_dice_mean,
+        "headline": {"kidney_tumor_dice": headline, "tumor_dice": None, "n_kidney": 1},
+    }
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps({"dataset": None, "volumes": volumes}))
 
 
 def test_table_counts_samples_slices_and_the_all_background_baseline(tmp_path: Path) -> None:
     write_run(tmp_path / "pspnet_s")
-    write_run(tmp_path / "unet3d", block_depth=8, real=False)
+    write_run(tmp_path / "unet3d", block_depth=8, real=False, volume=True)
     out = tmp_path / "results.md"
     assert compare.main(["--runs", str(tmp_path), "--output", str(out)]) == 0
     text = out.read_text()
@@ -150,14 +161,16 @@ def test_table_counts_samples_slices_and_the_all_background_baseline(tmp_path: P
     assert sorted(rows) == ["pspnet_s", "unet3d"]
     # 3 epochs x 5 steps x batch 4 x 2 ranks = 120 samples in 60 s
     assert rows["pspnet_s"][1:8] == ["width=0.5", "1,234", "120", "120", "60 s", "2.00", "0.5000"]
-    assert rows["pspnet_s"][10:] == ["0.6000", "-", "**no**", "0.8566"]
-    assert rows["unet3d"][3:5] == ["120", "960"] and rows["unet3d"][10:13] == ["-", "-", "-"]
+    assert rows["pspnet_s"][10:] == ["0.6000", "-", "-", "**no**", "0.8566"]
+    assert rows["unet3d"][3:5] == ["120", "960"]
+    assert rows["unet3d"][10:14] == ["-", "-", "0.3000", "yes"]
     assert "all background scores a mean kidney+tumor Dice of 0.7500" in text
     assert "Not trained (no run folder with config.json): unet2d, pspnet_b" in text
     saved = json.loads(out.with_suffix(".json").read_text())
     by_model = {row["model"]: row for row in saved["rows"]}
     assert by_model["pspnet_s"]["beats_all_background_real"] is False
-    assert by_model["unet3d"]["beats_all_background_real"] is None
+    assert by_model["unet3d"]["beats_all_background_real"] is True
+    assert "Real volume: 1 whole CT volume(s)" in text
 
 
 def test_table_command_fails_clearly_without_runs_or_on_a_broken_file(tmp_path: Path) -> None:

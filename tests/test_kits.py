@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import subprocess
 from pathlib import Path
@@ -63,6 +64,28 @@ def test_read_volume_is_nibabel_with_the_file_checksum(tmp_path, name):
         read_volume(path, "case_x")
     with pytest.raises(CaseError, match="case_x: missing file"):
         read_volume(tmp_path / "none.nii.gz", "case_x")
+
+
+def test_read_volume_reads_nifti2_big_endian_and_several_gzip_members(tmp_path):
+    hu = np.random.default_rng(2).integers(-1024, 3000, size=(5, 6, 7)).astype(np.int16)
+    affine = kits_affine((2.0, 0.7, 0.7))
+    nib.save(nib.Nifti2Image(hu, affine), tmp_path / "two.nii.gz")
+    big_endian = nib.Nifti1Image(hu, affine).header.as_byteswapped(">")
+    nib.save(nib.Nifti1Image(hu.astype(">i2"), affine, big_endian), tmp_path / "big.nii.gz")
+    content = gzip.decompress((tmp_path / "two.nii.gz").read_bytes())  # as bgzip writes
+    (tmp_path / "members.nii.gz").write_bytes(
+        gzip.compress(content[:600]) + gzip.compress(content[600:])
+    )
+    for name in ("two.nii.gz", "big.nii.gz", "members.nii.gz"):
+        voxels, got_affine, digest = read_volume(tmp_path / name, "case_x")
+        np.testing.assert_array_equal(voxels, hu)
+        assert voxels.dtype == np.dtype(">i2" if name == "big.nii.gz" else "<i2")
+        np.testing.assert_allclose(got_affine, affine)
+        assert digest == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+        assert not voxels.flags.writeable  # a view of the decompressed file
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    with pytest.raises(CaseError, match=r"case_x: cannot read .*empty\.nii\.gz"):
+        read_volume(tmp_path / "empty.nii.gz", "case_x")
 
 
 @pytest.mark.parametrize("axcodes", ["IPL", "RAS", "LPS", "SAR"])

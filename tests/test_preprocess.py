@@ -22,7 +22,6 @@ from preprocess.dataset_format import SHARD_FIELDS, balanced_class_weights, load
 from preprocess.pipeline import PreprocessConfig
 from preprocess.samples import block_starts, process_case
 from preprocess.shards import plan_shards
-from preprocess.splits import make_split
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
@@ -163,20 +162,6 @@ def test_block_starts_cover_range_with_overlap():
     assert all(b - a == 20 for a, b in zip(starts[:-2], starts[1:-1], strict=False))
     assert block_starts(40, 49, 100, 32, 12) == [29]  # short range widened around its centre
     assert block_starts(0, 5, 20, 32, 12) == [0]  # volume thinner than a block
-
-
-def test_splits_thesis_ranges_and_proportional():
-    thesis, how = make_split(list(range(210)))
-    assert "thesis" in how
-    assert thesis["val"] == list(range(120, 140)) and thesis["test"] == list(range(200, 210))
-    assert len(thesis["train"]) == 180
-    few = [3, 8, 15, 40, 77, 90, 101, 150, 160, 199]  # no case of 200-209: proportional
-    prop, how = make_split(few)
-    assert "proportional" in how
-    assert sorted(prop["train"] + prop["val"] + prop["test"]) == few
-    assert len(prop["val"]) >= 1 and len(prop["test"]) >= 1
-    assert make_split(few)[0] == prop  # seeded
-    assert make_split(few, seed=7)[0] != prop
 
 
 # ---------------------------------------------------------------------------------------------

@@ -553,3 +553,42 @@ def test_mix_data_gives_the_stated_fraction_per_epoch(tiny_dataset, second_datas
     args = ("--data", tiny_dataset, "--out", tmp_path / "run2", "--epochs", "1")
     proc = _train([], *TINY, *args, "--mix-data", other, "--mix-fraction", "0.5")
     assert proc.returncode == 2 and f"--mix-data {other}: normalization" in proc.stderr
+
+
+def _h5_arrays(path: Path) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    with h5py.File(path) as h5:
+        h5.visititems(
+            lambda name, obj: (
+                arrays.update({name: obj[()]}) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
+    return arrays
+
+
+def test_init_weights_fine_tunes_from_another_run(tiny_dataset, tmp_path):
+    common = [*TINY, "--data", tiny_dataset, "--max-steps", "1", "--early-stop-patience", "0"]
+    first = _train([], *common, "--out", tmp_path / "a", "--epochs", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    weights = tmp_path / "a" / "checkpoints" / "latest.weights.h5"
+    # one step at a vanishing learning rate: the kernels stay those of run a
+    tuned = _train(
+        [], *common, "--out", tmp_path / "b", "--epochs", "1", "--lr", "1e-30",
+        "--warmup-epochs", "0", "--init-weights", weights,
+    )  # fmt: skip
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    start = _h5_arrays(weights)
+    after = _h5_arrays(tmp_path / "b" / "checkpoints" / "latest.weights.h5")
+    kernels = [name for name in start if "conv" in name and name.endswith("/vars/0")]
+    assert kernels and start.keys() == after.keys()
+    for name in kernels:
+        np.testing.assert_allclose(after[name], start[name], atol=1e-6, err_msg=name)
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["init_weights_sha256"] == sha256_file(weights)
+    assert config["train"]["init_weights"] == str(weights)
+
+    wider = [a if a != "base_filters=4" else "base_filters=8" for a in common]
+    misfit = _train([], *wider, "--out", tmp_path / "c", "--epochs", "1", "--init-weights", weights)
+    assert misfit.returncode == 2 and f"--init-weights {weights}: does not fit" in misfit.stderr
+    missing = _train([], *common, "--out", tmp_path / "d", "--init-weights", tmp_path / "no.h5")
+    assert missing.returncode == 2 and "no.h5: file not found" in missing.stderr

@@ -277,6 +277,16 @@ class TrainConfig:
         default=False,
         metadata=option("continue RUN_DIR from its latest checkpoint (weights, optimizer, epoch)"),
     )
+    init_weights: str = field(
+        default="",
+        metadata=option(
+            "start from these weights (a .weights.h5 of the same model and options, e.g. "
+            "model_weights/unet3d/checkpoints/best.weights.h5) instead of a random "
+            "initialisation: fine-tuning on new data; the optimizer starts afresh. Ignored "
+            "with --resume, which continues from the run's own checkpoint",
+            metavar="WEIGHTS_H5",
+        ),
+    )
     record_samples: bool = field(
         default=False,
         metadata=option("rank 0 writes samples.json: the sample ids each rank trained on"),

@@ -257,8 +257,29 @@ def restore_or_start(
         old_config = check_resume_compatible(run_dir, config)
         resumed = checkpoint.load_latest(model, run_dir)
         config = record_resumed_session(old_config, config, resumed["epoch"])
+    elif cfg.init_weights:
+        config["init_weights_sha256"] = load_init_weights(model, Path(cfg.init_weights))
     write_run_config(run_dir, config)
     return resumed, config
+
+
+def load_init_weights(model: Any, path: Path) -> str:
+    """Rank 0: load the weights to fine-tune from; their SHA-256 (recorded in config.json).
+
+    Raises RunError when the file is missing or does not fit the model (another model or
+    other model options): Keras's own message names the layer that differs.
+    """
+    import hashlib
+
+    from train.runtime import RunError
+
+    if not path.is_file():
+        raise RunError(f"--init-weights {path}: file not found")
+    try:
+        model.load_weights(str(path))
+    except (ValueError, OSError) as exc:
+        raise RunError(f"--init-weights {path}: does not fit this model ({exc})") from None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def share_start_state(

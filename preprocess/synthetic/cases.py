@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,51 +113,18 @@ def generate(
     """
     out = Path(out_dir)
     randomize = randomize or RandomizeConfig()
-    if seed < 0:
-        raise CaseError(f"seed must be >= 0, got {seed}")
-    for name, value in (("n_cases", n_cases), ("max_slices", max_slices), ("size", size)):
-        if value is not None and value < 1:
-            raise CaseError(f"{name} must be >= 1, got {value}")
+    _check_options(seed, n_cases, max_slices, size)
     ids, files = _select_ids(labels_dir, cases, n_cases, first_id, n_slices, size)
     pending = [c for c in ids if overwrite or not _complete(out, c)]
+    recipe = _Recipe(
+        files if labels_dir is not None else None, n_slices, size, max_slices, seed, randomize
+    )
 
     _load_record(out)  # an unreadable record stops every rank before any work
     comm = get_comm()
     mine = ids[comm.rank :: comm.size]  # round robin: neighbouring (similar-size) cases spread
-    error = None
     t_start = time.perf_counter()
-    where = " on rank 0" if comm.size > 1 else ""
-    try:
-        for i, case_id in enumerate(mine):
-            name = case_name(case_id)
-            if not overwrite and _complete(out, case_id):
-                if verbose and comm.rank == 0:
-                    print(f"[{i + 1}/{len(mine)}{where}] {name}: exists, skipped", flush=True)
-                continue
-            t0 = time.perf_counter()
-            rng = case_rng(seed, case_id)
-            if labels_dir is not None:
-                labels, spacing = load_label_map(files[case_id], case_id, max_slices, size)
-            else:
-                labels, spacing = analytic_case(case_id, n_slices, size or DEFAULT_SIZE, rng)
-            ct = render_ct(labels, spacing, rng, case_style(randomize, seed, case_id))
-            t1 = time.perf_counter()
-            write_case(out, case_id, ct, labels, spacing)
-            if verbose and comm.rank == 0:
-                print(
-                    f"[{i + 1}/{len(mine)}{where}] {name}: {labels.shape} spacing "
-                    f"{tuple(round(s, 3) for s in spacing)} tumor={bool((labels == 2).any())} "
-                    f"render {t1 - t0:.1f}s write {time.perf_counter() - t1:.1f}s",
-                    flush=True,
-                )
-    except CaseError as exc:
-        error = str(exc)
-        if comm.size == 1:
-            raise
-    except Exception as exc:  # any failure must reach the other ranks, or they would hang
-        if comm.size == 1:
-            raise
-        error = f"{_INTERNAL}{type(exc).__name__}: {exc}"
+    error = _make_cases(out, mine, recipe, overwrite, verbose, comm)
     _raise_on_any_rank(comm, error)
     if comm.rank == 0:
         source = {c: files[c].name if files else "analytic" for c in ids}
@@ -170,6 +138,79 @@ def generate(
             flush=True,
         )
     return ids
+
+
+def _check_options(
+    seed: int, n_cases: int | None, max_slices: int | None, size: int | None
+) -> None:
+    """Reject bad counts and sizes up front, before any rank starts work."""
+    if seed < 0:
+        raise CaseError(f"seed must be >= 0, got {seed}")
+    for name, value in (("n_cases", n_cases), ("max_slices", max_slices), ("size", size)):
+        if value is not None and value < 1:
+            raise CaseError(f"{name} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """How every case of a run is made, so a rank needs only the case id to make one."""
+
+    files: dict[int, Path] | None  # the label file of each case id; None: analytic cases
+    n_slices: int
+    size: int | None
+    max_slices: int | None
+    seed: int
+    randomize: RandomizeConfig
+
+    def make(self, case_id: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+        """CT, label map and spacing of one case, all drawn from the case's own generator."""
+        rng = case_rng(self.seed, case_id)
+        if self.files is not None:
+            labels, spacing = load_label_map(
+                self.files[case_id], case_id, self.max_slices, self.size
+            )
+        else:
+            labels, spacing = analytic_case(case_id, self.n_slices, self.size or DEFAULT_SIZE, rng)
+        ct = render_ct(labels, spacing, rng, case_style(self.randomize, self.seed, case_id))
+        return ct, labels, spacing
+
+
+def _make_cases(
+    out: Path, mine: list[int], recipe: _Recipe, overwrite: bool, verbose: bool, comm: Any
+) -> str | None:
+    """Write this rank's cases; returns the error to share with the other ranks, or None.
+
+    A single process raises at once. Under MPI the error is returned instead, since a rank that
+    raised alone would leave the others waiting for it forever; rank 0 reports progress.
+    """
+    where = " on rank 0" if comm.size > 1 else ""
+    try:
+        for i, case_id in enumerate(mine):
+            name = case_name(case_id)
+            if not overwrite and _complete(out, case_id):
+                if verbose and comm.rank == 0:
+                    print(f"[{i + 1}/{len(mine)}{where}] {name}: exists, skipped", flush=True)
+                continue
+            t0 = time.perf_counter()
+            ct, labels, spacing = recipe.make(case_id)
+            t1 = time.perf_counter()
+            write_case(out, case_id, ct, labels, spacing)
+            if verbose and comm.rank == 0:
+                print(
+                    f"[{i + 1}/{len(mine)}{where}] {name}: {labels.shape} spacing "
+                    f"{tuple(round(s, 3) for s in spacing)} tumor={bool((labels == 2).any())} "
+                    f"render {t1 - t0:.1f}s write {time.perf_counter() - t1:.1f}s",
+                    flush=True,
+                )
+    except CaseError as exc:
+        if comm.size == 1:
+            raise
+        return str(exc)
+    except Exception as exc:  # any failure must reach the other ranks, or they would hang
+        if comm.size == 1:
+            raise
+        return f"{_INTERNAL}{type(exc).__name__}: {exc}"
+    return None
 
 
 def _raise_on_any_rank(comm: Any, error: str | None) -> None:
