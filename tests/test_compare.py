@@ -16,7 +16,7 @@ from tests.conftest import PYTHON, ROOT, run_env, run_module, write_simple_kits
 from train import compare
 
 RUN_FILES = ("config.json", "basic_info.txt", "history.csv", "evaluation/metrics.json")
-NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?( s| h \d\d min)?$")
+NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?( s| min| h \d\d min)?$")
 
 
 def run_script(out: Path, **env: str) -> subprocess.CompletedProcess:
@@ -134,18 +134,36 @@ def write_run(
     (run / "evaluation" / "metrics.json").write_text(json.dumps(metrics))
     if real:
         # 4 slices, 1 with kidney: all background scores 0.75; this model 0.7 does not beat it
-        _write_scores(run / "evaluation_real", n_cases=4, kidney_dice_mean=0.7, headline=0.6)
+        _write_scores(
+            run / "evaluation_real",
+            n_cases=4,
+            kidney_dice_mean=0.7,
+            headline=0.6,
+            empty_fp_rate=0.25,
+        )
     if volume:
         # 1 volume with kidney: all background scores 0; this model 0.3 beats it
         _write_scores(run / "evaluation_volume", n_cases=1, kidney_dice_mean=0.3, headline=0.3)
 
 
-def _write_scores(folder: Path, *, n_cases: int, kidney_dice_mean: float, headline: float) -> None:
+def _write_scores(
+    folder: Path,
+    *,
+    n_cases: int,
+    kidney_dice_mean: float,
+    headline: float,
+    empty_fp_rate: float | None = None,
+) -> None:
     """metrics.json of train.evaluate --volumes-only on real cases, one of them with kidney."""
     volumes = {
         "n_cases": n_cases,
         "kidney_dice_mean": kidney_dice_mean,
-        "headline": {"kidney_tumor_dice": headline, "tumor_dice": None, "n_kidney": 1},
+        "headline": {
+            "kidney_tumor_dice": headline,
+            "tumor_dice": None,
+            "n_kidney": 1,
+            "empty_fp_rate": empty_fp_rate,
+        },
     }
     folder.mkdir()
     (folder / "metrics.json").write_text(json.dumps({"dataset": None, "volumes": volumes}))
@@ -161,9 +179,9 @@ def test_table_counts_samples_slices_and_the_all_background_baseline(tmp_path: P
     assert sorted(rows) == ["pspnet_s", "unet3d"]
     # 3 epochs x 5 steps x batch 4 x 2 ranks = 120 samples in 60 s
     assert rows["pspnet_s"][1:8] == ["width=0.5", "1,234", "120", "120", "60 s", "2.00", "0.5000"]
-    assert rows["pspnet_s"][10:] == ["0.6000", "-", "-", "**no**", "0.8566"]
+    assert rows["pspnet_s"][10:] == ["0.6000", "-", "25 %", "-", "**no**", "0.8566"]
     assert rows["unet3d"][3:5] == ["120", "960"]
-    assert rows["unet3d"][10:14] == ["-", "-", "0.3000", "yes"]
+    assert rows["unet3d"][10:15] == ["-", "-", "-", "0.3000", "yes"]
     assert "all background scores a mean kidney+tumor Dice of 0.7500" in text
     assert "Not trained (no run folder with config.json): unet2d, pspnet_b" in text
     saved = json.loads(out.with_suffix(".json").read_text())

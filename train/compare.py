@@ -11,9 +11,10 @@ Per model, from RUNS/MODEL/:
 - ``evaluation/metrics.json`` (held-out synthetic cases): JC_w pooled over the test split at model
   resolution with the run's class weights (the thesis's metric), and over whole volumes the mean
   kidney+tumor Dice of the cases with kidney and the mean tumor Dice of the cases with tumor;
-- ``evaluation_real/metrics.json`` (real CT slices, when present): the same two Dice figures, and
-  whether the model beats predicting all background: the mean kidney+tumor Dice over every slice
-  against the share of slices without kidney (all background scores 1 on those, 0 elsewhere);
+- ``evaluation_real/metrics.json`` (real CT slices, when present): the same two Dice figures, the
+  share of empty slices given more than 50 false-positive pixels, and whether the model beats
+  predicting all background: the mean kidney+tumor Dice over every slice against the share of
+  slices without kidney (all background scores 1 on those, 0 elsewhere);
 - ``evaluation_volume/metrics.json`` (whole real CT volumes with kidney masks, when present): the
   mean kidney+tumor Dice, the real-CT check of a model that needs whole volumes (Unet3D); it
   decides "beats all background" where no real slices were scored.
@@ -49,6 +50,7 @@ COLUMNS = (
     ("Tumor Dice synthetic", "---:"),
     ("Kidney+tumor Dice real", "---:"),
     ("Tumor Dice real", "---:"),
+    ("Empty slices marked (real)", "---:"),
     ("Kidney Dice real volume", "---:"),
     ("Beats all-background (real)", ":---:"),
     ("JC_w thesis", "---:"),
@@ -102,6 +104,7 @@ def evaluation_figures(metrics: dict[str, Any] | None) -> dict[str, Any]:
         "jc_w": dataset.get("weighted_jaccard"),
         "kidney_tumor_dice": head.get("kidney_tumor_dice"),
         "tumor_dice": head.get("tumor_dice"),
+        "empty_fp_rate": head.get("empty_fp_rate"),
         "kidney_dice_mean": volumes.get("kidney_dice_mean"),
         "n_cases": volumes.get("n_cases"),
         "n_kidney": head.get("n_kidney"),
@@ -149,11 +152,17 @@ def _num(value: float | int | None, digits: int = 4) -> str:
     return f"{value:.{digits}f}"
 
 
+def _percent(share: float | None) -> str:
+    return MISSING if share is None else f"{100 * share:.0f} %"
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return MISSING
     minutes = int(round(seconds / 60))
-    return f"{seconds:.0f} s" if seconds < 600 else f"{minutes // 60} h {minutes % 60:02d} min"
+    if seconds < 600:
+        return f"{seconds:.0f} s"
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def table_cells(row: dict[str, Any]) -> list[str]:
@@ -172,6 +181,7 @@ def table_cells(row: dict[str, Any]) -> list[str]:
         _num(syn.get("tumor_dice")),
         _num(real.get("kidney_tumor_dice")),
         _num(real.get("tumor_dice")),
+        _percent(real.get("empty_fp_rate")),
         _num(row["real_volume"].get("kidney_tumor_dice")),
         MISSING if beats is None else ("yes" if beats else "**no**"),
         _num(row["thesis_jc_w"]),
