@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import tempfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ IMAGING = "imaging.nii.gz"
 SEGMENTATION = "segmentation.nii.gz"
 # The first two bytes of every gzip file.
 GZIP_MAGIC = b"\x1f\x8b"
+# Deflate expands its input at most about 1032-fold.
+DEFLATE_MAX_RATIO = 1032
 LABELS = (0, 1, 2)
 CLASS_NAMES = ("background", "kidney", "tumor")
 N_CLASSES = len(CLASS_NAMES)
@@ -150,6 +153,24 @@ def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def _decompressed(data: bytes) -> bytes:
+    """The content of gzip ``data``, decompressed in one call into one buffer.
+
+    The gzip trailer holds the content's length (mod 2**32): zlib writes into a buffer of that
+    size instead of growing one block by block and joining them, which would double the peak
+    memory of a large CT. The size is capped at what deflate can expand ``data`` to, so a
+    damaged trailer cannot ask for gigabytes. A file of several gzip members (as bgzip writes
+    them) goes through the standard library's gzip.decompress, which reads them all.
+    """
+    size = int.from_bytes(data[-4:], "little")
+    content = zlib.decompress(
+        data, wbits=31, bufsize=max(1, min(size, DEFLATE_MAX_RATIO * len(data)))
+    )
+    if len(content) % 2**32 != size:
+        return gzip.decompress(data)
+    return content
+
+
 def _nifti_voxels(content: bytes) -> tuple[np.ndarray, np.ndarray]:
     """Voxels and affine of the NIfTI-1/2 image in the bytes of a .nii file, read by nibabel.
 
@@ -173,8 +194,8 @@ def _nifti_voxels(content: bytes) -> tuple[np.ndarray, np.ndarray]:
 def read_volume(path: Path, where: str) -> tuple[np.ndarray, np.ndarray, str]:
     """Voxels, affine and SHA-256 of a NIfTI-1/2 file (.nii or .nii.gz), read with nibabel.
 
-    The file is read once: hashed, decompressed in one call if gzipped (the standard library's
-    gzip.decompress; nibabel's streaming read takes 8 KiB at a time), parsed by nibabel. The
+    The file is read once: hashed, decompressed in one zlib call if gzipped (nibabel's
+    streaming read takes 8 KiB at a time, see :func:`_decompressed`), parsed by nibabel. The
     voxels keep the file's stored type when it is unscaled (int16 for KiTS19: a float copy of a
     600-slice CT is 630 MB and slow to make) and are then read-only; scaled storage comes back
     as nibabel scales it (floats). The array is in the file's own layout, not reoriented.
@@ -188,7 +209,7 @@ def read_volume(path: Path, where: str) -> tuple[np.ndarray, np.ndarray, str]:
         raise CaseError(f"{where}: cannot read {path}: {exc}") from exc
     digest = hashlib.sha256(data).hexdigest()
     try:
-        content = gzip.decompress(data) if data[:2] == GZIP_MAGIC else data
+        content = _decompressed(data) if data[:2] == GZIP_MAGIC else data
         voxels, affine = _nifti_voxels(content)
     except Exception as exc:  # gzip, zlib and nibabel raise several types for bad files
         raise CaseError(f"{where}: cannot read {path} as NIfTI: {exc}") from exc
