@@ -269,8 +269,7 @@ def load_init_weights(model: Any, path: Path) -> str:
     Raises RunError when the file is missing or does not fit the model (another model or
     other model options): Keras's own message names the layer that differs.
     """
-    import hashlib
-
+    from preprocess.kits import sha256_file
     from train.runtime import RunError
 
     if not path.is_file():
@@ -279,7 +278,7 @@ def load_init_weights(model: Any, path: Path) -> str:
         model.load_weights(str(path))
     except (ValueError, OSError) as exc:
         raise RunError(f"--init-weights {path}: does not fit this model ({exc})") from None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def share_start_state(
