@@ -36,6 +36,9 @@
 #   MODEL_OPTIONS [unet2d base_filters=32, unet3d base_filters=12]  half and a quarter of the
 #                         thesis's widths (64, 48): what one or two CPU-hours can train
 #   HU_WINDOW [-79 304]   nnU-Net's foreground window for KiTS19 (the thesis: -512 512)
+#   TARGET_SPACING []     mm per pixel of the model's 128x128 slices
+#                         (preprocess --target-spacing: resample, then centre crop or pad);
+#                         empty: each whole slice squeezed to 128x128 (the thesis's)
 #   MIX_FRACTION [0.5]    with REAL_CT: share of every epoch drawn from the synthetic set
 #   TUMOR_FACTOR [unet2d with REAL_CT 3, else 1]  tumor samples counted this many times per epoch
 #   INTENSITY [nnunet]    per-sample intensity augmentation (train.train --intensity-augment)
@@ -73,6 +76,13 @@ case "$MODEL" in
 esac
 [[ -d "$LABELS" ]] || { echo "error: label maps folder $LABELS not found (set LABELS)" >&2; exit 2; }
 [[ -z "$REAL_CT" || -d "$REAL_CT" ]] || { echo "error: REAL_CT folder $REAL_CT not found" >&2; exit 2; }
+TARGET_SPACING="${TARGET_SPACING:-}"
+# a dataset folder per slice geometry: synth128 (whole slices), synth128_sp25 (2.5 mm), ...
+SPACING=() SUFFIX=""
+if [[ -n "$TARGET_SPACING" ]]; then
+    SPACING=(--target-spacing "$TARGET_SPACING") SUFFIX="_sp${TARGET_SPACING//./}"
+fi
+SYNTH="$SYNTH$SUFFIX"
 MPIRUN=(mpirun -np "$RANKS" --oversubscribe --bind-to none)
 say() { printf '\n=== %s\n' "$*"; }
 
@@ -90,16 +100,16 @@ say "1/5 synthetic CT (domain-randomised) around the label maps -> $WORK/kits_sy
     --out "$WORK/kits_synthetic" --size "${SIZE:-256}" --max-slices "${MAX_SLICES:-40}" \
     --randomize full --seed 0 --quiet
 
-say "2/5 preprocessing ($KIND, 128x128, HU $HU_MIN..$HU_MAX, $RANKS shards)"
+say "2/5 preprocessing ($KIND, 128x128${TARGET_SPACING:+ at $TARGET_SPACING mm}, HU $HU_MIN..$HU_MAX, $RANKS shards)"
 "${MPIRUN[@]}" "$PY" -m preprocess."$KIND" --kits "$WORK/kits_synthetic" --out "$SYNTH" \
     --hu-window "$HU_MIN" "$HU_MAX" --shards "$RANKS" --keep-empty "${KEEP_EMPTY:-0.3}" \
-    --train-cases "$TRAIN" --val-cases "$VAL" --test-cases "$TEST" --quiet
+    --train-cases "$TRAIN" --val-cases "$VAL" --test-cases "$TEST" "${SPACING[@]}" --quiet
 DATA="$SYNTH" MIX=() DEFAULT_TUMOR_FACTOR=1
 if [[ -n "$REAL_CT" ]]; then
-    DATA="$WORK/real128"
+    DATA="$WORK/real128$SUFFIX"
     "$PY" -m preprocess.downsample --kits "$REAL_CT" --out "$DATA" --hu-window "$HU_MIN" "$HU_MAX" \
         --shards "$RANKS" --keep-empty 1 --train-cases "$REAL_TRAIN" --val-cases "$REAL_VAL" \
-        --test-cases "" --quiet
+        --test-cases "" "${SPACING[@]}" --quiet
     MIX=(--mix-data "$SYNTH" --mix-fraction "${MIX_FRACTION:-0.5}")
     DEFAULT_TUMOR_FACTOR=3
 fi
@@ -113,7 +123,7 @@ OPTIONS=()
 export KITS_RUN_NOTE="synthetic CT rendered with domain randomisation around real KiTS19 label \
 maps (cases $TRAIN)${REAL_CT:+, mixed ${MIX_FRACTION:-0.5} into every epoch of the real \
 development slices $REAL_TRAIN (validation and best checkpoint on the real slices $REAL_VAL)}; \
-HU window $HU_MIN..$HU_MAX; model options ${MODEL_OPTIONS:-none} (the thesis: base_filters 64 for \
+HU window $HU_MIN..$HU_MAX; ${TARGET_SPACING:+slices resampled to $TARGET_SPACING mm per pixel; }model options ${MODEL_OPTIONS:-none} (the thesis: base_filters 64 for \
 unet2d, 48 for unet3d); synthetic validation cases $VAL, held-out test cases $TEST; made by \
 scripts/train_weights.sh"
 # shellcheck disable=SC2086  # EXTRA_TRAIN_ARGS is a list of options
